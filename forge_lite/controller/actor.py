@@ -1,0 +1,233 @@
+"""ForgeActor: a Monarch Actor that knows how to deploy itself.
+
+The tutorial writes ``Policy.options(procs=1, num_replicas=4).as_service(...)``
+and ``Trainer.options(procs=1).as_actor(...)``. ``options`` returns a
+configured subclass (so two services of one class never share settings),
+``as_actor`` spawns one ProcMesh with the actor on each process, and
+``as_service`` spawns ``num_replicas`` of those behind a router.
+
+Two things Monarch 0.7 refuses that the tutorial does, fixed here when the
+class is defined:
+- a class that mixes sync and async endpoints (the tutorial's ForgeCounter):
+  every endpoint of a ForgeActor is made async. A sync body still runs to
+  completion before the actor takes its next message, as it would in Monarch.
+- an endpoint named like an ActorMesh attribute (``stop``, ``size``...): Monarch
+  only says so at spawn time; here the class definition fails, naming it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from monarch._src.actor.actor_mesh import ActorMesh
+from monarch._src.actor.endpoint import EndpointProperty
+from monarch.actor import Actor, ActorError, endpoint
+
+from forge_lite.controller import procs as _procs
+from forge_lite.controller.service_config import ServiceConfig
+
+# Attributes of Monarch's ActorMesh; an endpoint with one of these names would
+# be shadowed on the handle.
+RESERVED_NAMES = frozenset(n for n in dir(ActorMesh) if not n.startswith("_"))
+
+_LAYOUT_KEYS = ("procs", "hosts", "with_gpus", "num_replicas", "mesh_name")
+
+
+def endpoint_names(cls: type) -> list[str]:
+    """Names of every endpoint of an actor class, inherited ones included."""
+    return sorted(
+        name for name in dir(cls) if isinstance(getattr(cls, name, None), EndpointProperty)
+    )
+
+
+def _async_twin(prop: EndpointProperty) -> EndpointProperty:
+    """The same endpoint with an async body that calls the sync one."""
+    method = prop._method
+
+    @functools.wraps(method)  # keeps the signature Monarch checks calls against
+    async def run_sync_body(self, *args, **kwargs):
+        return method(self, *args, **kwargs)
+
+    return EndpointProperty(
+        run_sync_body,
+        propagator=prop._propagator,
+        explicit_response_port=prop._explicit_response_port,
+        instrument=prop._instrument,
+    )
+
+
+class ForgeActor(Actor):
+    """Base class for every actor and service of the kit.
+
+    Class attributes are the deployment defaults; ``options()`` overrides them.
+    ``setup`` is where heavy initialisation goes (loading a model): it runs
+    after ``__init__`` on every process, and its errors reach the caller of
+    ``as_actor`` / ``as_service`` with their original type.
+    """
+
+    procs: int = 1
+    hosts: int | None = None
+    with_gpus: bool = False
+    num_replicas: int = 1
+    mesh_name: str | None = None
+    service_config: ServiceConfig = ServiceConfig()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, value in list(vars(cls).items()):
+            if name == "setup" and inspect.isfunction(value):
+                # `async def setup(self)` without @endpoint still overrides setup.
+                value = endpoint(value)
+            if not isinstance(value, EndpointProperty):
+                continue
+            if name in RESERVED_NAMES:
+                raise TypeError(
+                    f"{cls.__name__}.{name}: an endpoint cannot be named {name!r}, which "
+                    f"Monarch's ActorMesh already uses ({', '.join(sorted(RESERVED_NAMES))}). "
+                    "Rename the endpoint."
+                )
+            if not inspect.iscoroutinefunction(value._method):
+                value = _async_twin(value)
+            setattr(cls, name, value)
+
+    @endpoint
+    async def setup(self) -> None:
+        """Heavy initialisation; runs once on every process after __init__."""
+
+    # ------------------------------------------------------------ configure
+
+    @classmethod
+    def options(
+        cls,
+        *,
+        procs: int | None = None,
+        hosts: int | None = None,
+        with_gpus: bool | None = None,
+        num_replicas: int | None = None,
+        mesh_name: str | None = None,
+        **service_settings: Any,
+    ) -> type:
+        """A subclass of ``cls`` with these deployment settings.
+
+        ``procs`` processes per replica, ``num_replicas`` replicas (services),
+        ``with_gpus`` one GPU per process. Other keys are service settings
+        (see ``ServiceConfig``), e.g. ``router="least_loaded"``.
+        """
+        if not (isinstance(cls, type) and issubclass(cls, ForgeActor)):
+            raise TypeError(
+                f"options() needs a ForgeActor subclass, got {cls!r}; "
+                "define your actor as `class MyActor(ForgeActor): ...`"
+            )
+        unknown = sorted(set(service_settings) - set(ServiceConfig.keys()))
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.options() got unknown key(s) {unknown}; "
+                f"valid keys: {list(_LAYOUT_KEYS) + ServiceConfig.keys()}"
+            )
+        layout = {
+            "procs": cls.procs if procs is None else procs,
+            "hosts": cls.hosts if hosts is None else hosts,
+            "with_gpus": cls.with_gpus if with_gpus is None else bool(with_gpus),
+            "num_replicas": cls.num_replicas if num_replicas is None else num_replicas,
+            "mesh_name": cls.mesh_name if mesh_name is None else mesh_name,
+        }
+        for key in ("procs", "num_replicas"):
+            value = layout[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        if layout["hosts"] not in (None, 1):
+            raise ValueError(
+                f"hosts={layout['hosts']!r}: forge_lite runs every replica on this host; "
+                "use hosts=None (or 1)."
+            )
+        settings = {**vars(cls.service_config), **service_settings}
+        configured = type(
+            cls.__name__,
+            (cls,),
+            {
+                **layout,
+                "service_config": ServiceConfig(**settings),
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "__doc__": cls.__doc__,
+                "_forge_configured": True,
+            },
+        )
+        return configured
+
+    @classmethod
+    def actor_class(cls) -> type:
+        """The user's class itself, without the subclasses options() makes.
+
+        That class is what gets spawned: it pickles by reference (or, for a
+        class defined in a notebook, by value) like any class the user wrote.
+        """
+        for klass in cls.__mro__:
+            if not vars(klass).get("_forge_configured", False):
+                return klass
+        return cls
+
+    # ------------------------------------------------------------ deploy
+
+    @classmethod
+    async def as_actor(cls, *args: Any, **kwargs: Any):
+        """Spawn ``procs`` processes with one actor each; return the ActorMesh.
+
+        Use Monarch's adverbs on the result: ``await actor.ep.call_one(...)``.
+        """
+        name = cls.mesh_name or cls.actor_class().__name__.lower()
+        gpus = _procs.reserve_gpus(cls.procs, f"{cls.__name__}") if cls.with_gpus else None
+        processes = await _procs.spawn_processes(cls.procs, name, gpus)
+        mesh = await spawn_actor_mesh(cls, processes, name, args, kwargs)
+        _handles[id(mesh)] = (mesh, processes)
+        return mesh
+
+    @classmethod
+    async def as_service(cls, *args: Any, **kwargs: Any):
+        """Spawn ``num_replicas`` replicas behind a router; return the service."""
+        from forge_lite.controller.service import Service
+
+        return await Service.start(cls, args, kwargs)
+
+    @classmethod
+    async def shutdown(cls, handle: Any) -> None:
+        """Stop what ``as_actor`` (or ``as_service``) returned; safe to repeat."""
+        if hasattr(handle, "shutdown") and not isinstance(handle, ActorMesh):
+            await handle.shutdown()
+            return
+        entry = _handles.pop(id(handle), None)
+        if entry is not None:
+            await _procs.stop_processes(entry[1])
+
+
+# id(ActorMesh) -> (ActorMesh, Processes). The mesh is kept alive with its
+# entry so the id cannot be reused while registered.
+_handles: dict[int, tuple[Any, _procs.Processes]] = {}
+
+
+async def spawn_actor_mesh(cls: type, processes: _procs.Processes, actor_name: str, args, kwargs):
+    """Spawn ``cls`` on every process of ``processes`` and run its setup.
+
+    On failure the processes are stopped and the error is re-raised: the
+    original exception for ``setup``, and for ``__init__`` (which Monarch
+    reports as a supervision failure, with the traceback in its text) a
+    RuntimeError saying so.
+    """
+    try:
+        mesh = processes.mesh.spawn(actor_name, cls.actor_class(), *args, **kwargs)
+        try:
+            await mesh.setup.call()
+        except ActorError as e:
+            raise e.exception from None
+        except RuntimeError as e:
+            if "Supervision" in type(e).__name__ or "aborted" in str(e):
+                raise RuntimeError(
+                    f"{cls.__name__}(...) failed while starting on its process:\n{e}"
+                ) from None
+            raise
+    except BaseException:
+        await _procs.stop_processes(processes)
+        raise
+    return mesh

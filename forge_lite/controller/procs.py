@@ -1,0 +1,179 @@
+"""Spawning and stopping the processes that actors live in, and GPU allocation.
+
+Every ProcMesh the kit creates goes through here, so the kit always knows
+which processes it owns: it can stop them all when the caller exits (no
+orphans after a notebook kernel restarts), bound every stop with a timeout
+(Monarch's stop can hang on a mesh whose process died), and hand out GPUs so
+that each process of each replica gets its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import signal
+import warnings
+from dataclasses import dataclass, field
+
+from monarch.actor import Actor, ProcMesh, endpoint, this_host
+from monarch._src.actor.host_mesh import default_bootstrap_cmd
+
+from forge_lite.controller import runtime
+
+log = logging.getLogger("forge_lite")
+
+# Stopping a healthy 1-process mesh takes about 0.5 s; a mesh with a dead
+# process can hang in Monarch's log flush. Past this we kill what is left.
+STOP_TIMEOUT_S = 10.0
+
+
+class _ProcessInfo(Actor):
+    """A tiny actor on every process the kit spawns: it reports the pid, so
+    the kit can kill a process on purpose (fault injection) or if stop hangs."""
+
+    @endpoint
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@dataclass
+class Processes:
+    """One ProcMesh the kit owns: its processes' pids and GPUs."""
+
+    mesh: ProcMesh
+    name: str
+    pids: list[int]
+    gpus: list[int] = field(default_factory=list)
+    info: object = None  # the _ProcessInfo mesh: answers health probes
+    stopped: bool = False
+
+
+_live: list[Processes] = []
+
+
+# ---------------------------------------------------------------- GPUs
+
+_gpus_in_use: set[int] = set()
+_warned_no_gpu = False
+
+
+def visible_gpus() -> list[int]:
+    """GPU ids this process may hand out (honours CUDA_VISIBLE_DEVICES)."""
+    try:
+        import torch
+
+        count = torch.cuda.device_count()
+    except Exception:
+        count = 0
+    ids = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if ids is not None:
+        listed = [int(i) for i in ids.split(",") if i.strip().isdigit()]
+        return listed[:count]
+    return list(range(count))
+
+
+def reserve_gpus(count: int, what: str) -> list[int] | None:
+    """Take ``count`` free GPUs, or return None on a machine without GPUs.
+
+    None means "run on CPU": tutorial code asks for GPUs everywhere, and on a
+    laptop it should still run, after one warning.
+    """
+    global _warned_no_gpu
+    gpus = visible_gpus()
+    if not gpus:
+        if not _warned_no_gpu:
+            warnings.warn(
+                f"{what} asked for GPUs (with_gpus=True) but this machine has none; "
+                "running on CPU instead.",
+                stacklevel=3,
+            )
+            _warned_no_gpu = True
+        return None
+    free = [g for g in gpus if g not in _gpus_in_use]
+    if count > len(free):
+        raise RuntimeError(
+            f"{what} needs {count} GPU(s) but only {len(free)} of the machine's "
+            f"{len(gpus)} are free; lower procs/num_replicas or shut down another service."
+        )
+    taken = free[:count]
+    _gpus_in_use.update(taken)
+    return taken
+
+
+def release_gpus(gpus: list[int]) -> None:
+    _gpus_in_use.difference_update(gpus)
+
+
+# ---------------------------------------------------------------- spawn / stop
+
+
+async def spawn_processes(
+    count: int, name: str, gpus: list[int] | None = None, env: dict[str, str] | None = None
+) -> Processes:
+    """Start ``count`` processes as one ProcMesh named ``name``.
+
+    With ``gpus``, process ``i`` sees only ``gpus[i]`` (as its cuda:0). ``env``
+    is added to every process's environment (e.g. the replica index).
+    """
+    runtime.configure_client()
+    base = default_bootstrap_cmd()
+
+    def command_for(point):
+        extra = dict(env or {})
+        if gpus:
+            extra["CUDA_VISIBLE_DEVICES"] = str(gpus[point.rank])
+        return base.with_env(extra) if extra else base
+
+    mesh = this_host().spawn_procs(
+        per_host={"procs": count}, name=name, bootstrap_command=command_for
+    )
+    procs = Processes(mesh=mesh, name=name, pids=[], gpus=list(gpus or []))
+    _live.append(procs)
+    try:
+        await mesh.initialized
+        procs.info = mesh.spawn(f"{name}_info", _ProcessInfo)
+        pids = await procs.info.pid.call()
+        procs.pids = [pid for _, pid in pids.items()]
+    except BaseException:
+        await stop_processes(procs)
+        raise
+    return procs
+
+
+def kill_processes(procs: Processes, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to every process of the mesh (fault injection, last resort)."""
+    for pid in procs.pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+async def stop_processes(procs: Processes, timeout: float = STOP_TIMEOUT_S) -> None:
+    """Stop a mesh's processes; harmless to call twice; never hangs."""
+    if procs.stopped:
+        return
+    procs.stopped = True
+    try:
+        await asyncio.wait_for(procs.mesh.stop(), timeout)
+    except Exception as e:  # includes TimeoutError and an already-dead mesh
+        log.debug("stop of %s did not finish cleanly (%r); killing", procs.name, e)
+        kill_processes(procs)
+    finally:
+        release_gpus(procs.gpus)
+        if procs in _live:
+            _live.remove(procs)
+
+
+def live_processes() -> list[Processes]:
+    return list(_live)
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    # When the kernel shuts down or restarts, nobody awaits a graceful stop:
+    # make sure no process outlives it.
+    for procs in list(_live):
+        kill_processes(procs)

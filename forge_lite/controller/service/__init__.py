@@ -1,0 +1,25 @@
+"""The service layer: replicas behind a router, sessions, health, events.
+
+Read in this order: ``interface.py`` (what the caller sees), ``service.py``
+(the controller), ``replica.py``, ``router.py``, ``sessions.py``,
+``events.py``, ``metrics.py``.
+"""
+
+from forge_lite.controller.service_config import ServiceConfig
+from forge_lite.controller.service.events import EventStream
+from forge_lite.controller.service.interface import ServiceEndpoint, ServiceInterface
+from forge_lite.controller.service.replica import ReplicaState
+from forge_lite.controller.service.router import LeastLoaded, PrefixAware, Request, RoundRobin, Router
+from forge_lite.controller.service.service import (
+    FanoutError,
+    FanoutResult,
+    NoHealthyReplicaError,
+    Service,
+    ServiceShutdownError,
+)
+
+__all__ = [
+    "ServiceConfig", "EventStream", "ServiceEndpoint", "ServiceInterface", "ReplicaState",
+    "Router", "RoundRobin", "LeastLoaded", "PrefixAware", "Request",
+    "Service", "FanoutError", "FanoutResult", "NoHealthyReplicaError", "ServiceShutdownError",
+]

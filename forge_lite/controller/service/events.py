@@ -1,0 +1,140 @@
+"""What a service did, as a stream of typed events.
+
+Every routing decision, result, failure, state change and session change is
+published here. The dashboard, the metrics, the tests and the benchmarks all
+read this one stream, so what a learner sees is exactly what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Event:
+    time: float = field(default_factory=time.time, kw_only=True)
+
+
+@dataclass(frozen=True)
+class RequestRouted(Event):
+    request_id: int
+    endpoint: str
+    replica: int
+    session: str | None
+    router: str
+    reason: str  # "round robin → 2", "session s-1 pinned → 1", ...
+    attempt: int = 0
+
+
+@dataclass(frozen=True)
+class RequestFinished(Event):
+    request_id: int
+    endpoint: str
+    replica: int
+    session: str | None
+    latency_s: float
+    ok: bool
+    error_type: str | None = None
+    result: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class RequestRetried(Event):
+    request_id: int
+    endpoint: str
+    failed_replica: int
+    error: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class ReplicaStateChanged(Event):
+    replica: int
+    old: str | None
+    new: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SessionStarted(Event):
+    session: str
+    replica: int
+
+
+@dataclass(frozen=True)
+class SessionMoved(Event):
+    session: str
+    old_replica: int
+    new_replica: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SessionEnded(Event):
+    session: str
+    replica: int | None
+
+
+@dataclass(frozen=True)
+class ServiceStopped(Event):
+    name: str
+
+
+Listener = Callable[[Event], None]
+
+
+class EventStream:
+    """Publish/subscribe with a bounded history.
+
+    ``subscribe(fn)`` calls ``fn(event)`` synchronously for each new event
+    (keep it cheap) and returns a function that unsubscribes. ``async for
+    event in stream`` yields events from now on. ``history()`` returns the
+    last ``maxlen`` events, for late subscribers.
+    """
+
+    def __init__(self, maxlen: int = 2000):
+        self._history: deque[Event] = deque(maxlen=maxlen)
+        self._listeners: list[Listener] = []
+
+    def publish(self, event: Event) -> None:
+        self._history.append(event)
+        for listener in tuple(self._listeners):
+            listener(event)
+
+    def subscribe(self, listener: Listener, replay: bool = False) -> Callable[[], None]:
+        if replay:
+            for event in tuple(self._history):
+                listener(event)
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def history(self, kind: type | None = None) -> list[Event]:
+        events = list(self._history)
+        return events if kind is None else [e for e in events if isinstance(e, kind)]
+
+    async def __aiter__(self):
+        queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=self._history.maxlen or 0)
+
+        def enqueue(event: Event) -> None:
+            if queue.full():  # a slow reader loses the oldest, never blocks the service
+                queue.get_nowait()
+            queue.put_nowait(event)
+
+        unsubscribe = self.subscribe(enqueue)
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if isinstance(event, ServiceStopped):
+                    return
+        finally:
+            unsubscribe()

@@ -1,0 +1,188 @@
+"""One replica of a service: its processes, its actor, its state.
+
+A replica is its own ProcMesh (``procs`` processes) with one ActorMesh on it,
+so it can die and be replaced without touching the others. The replica knows
+how to start, call, probe and stop itself; deciding *when* (routing, retries,
+respawns) is the service's job.
+
+States, as the dashboard shows them:
+  RECOVERING  processes being spawned (at start, and after a failure)
+  HEALTHY     taking requests
+  OVERLOADED  ``max_concurrent_requests`` in flight: the router prefers others
+  FAILED      a process died, or stopped answering probes
+  STOPPED     shut down, or removed by ``scale``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from enum import Enum
+from typing import Any
+
+from monarch.actor import ActorError
+
+from forge_lite.controller import procs as _procs
+from forge_lite.controller import runtime
+from forge_lite.controller.actor import spawn_actor_mesh
+
+
+class ReplicaState(str, Enum):
+    HEALTHY = "HEALTHY"
+    OVERLOADED = "OVERLOADED"
+    FAILED = "FAILED"
+    RECOVERING = "RECOVERING"
+    STOPPED = "STOPPED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class UserError(Exception):
+    """Carries an exception raised by the endpoint's own code back to the caller."""
+
+    def __init__(self, original: BaseException):
+        super().__init__(original)
+        self.original = original
+
+
+class ReplicaFailure(Exception):
+    """The replica could not run the call: its process died or is unreachable."""
+
+
+def describe_failure(report: str) -> str:
+    """A one-line reason from Monarch's multi-line failure report."""
+    if m := re.search(r"Killed\(sig=(\d+)\)", report):
+        sig = int(m.group(1))
+        return "process killed (SIGKILL)" if sig == 9 else f"process killed by signal {sig}"
+    if m := re.search(r"exited with non-zero code (\d+)", report):
+        return f"process exited with code {m.group(1)}"
+    if "stopped" in report and "client" in report:
+        return "stopped"
+    first = report.strip().splitlines()[0] if report.strip() else "unknown failure"
+    return first[:160]
+
+
+class Replica:
+    """A live replica. ``in_flight`` and ``requests_served`` are read by routers."""
+
+    def __init__(self, service, index: int):
+        self.service = service
+        self.index = index
+        self.state: ReplicaState = ReplicaState.RECOVERING
+        self.reason = "starting"
+        self.in_flight = 0
+        self.requests_served = 0
+        self.consecutive_failures = 0
+        self.breaker_open_until = 0.0
+        self.delay_s = 0.0  # injected by slow_replica()
+        self.generation = 0
+        self.processes: _procs.Processes | None = None
+        self.mesh: Any = None
+        self.last_spawn_s: float | None = None
+        self._actor_name = ""
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def accepting(self) -> bool:
+        return self.state in (ReplicaState.HEALTHY, ReplicaState.OVERLOADED)
+
+    @property
+    def has_room(self) -> bool:
+        return self.in_flight < self.service.config.max_concurrent_requests
+
+    @property
+    def pids(self) -> list[int]:
+        return list(self.processes.pids) if self.processes else []
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def spawn(self) -> None:
+        """Start fresh processes and the actor on them (runs ``setup``)."""
+        svc = self.service
+        self.generation += 1
+        # Monarch names a failed mesh "<actor name>-<random>": a name unique to
+        # this replica and generation maps a failure back to us.
+        self._actor_name = f"{svc.name}_r{self.index}_g{self.generation}"
+        started = time.perf_counter()
+        gpus = (
+            _procs.reserve_gpus(svc.actor_cls.procs, f"{svc.name} replica {self.index}")
+            if svc.actor_cls.with_gpus
+            else None
+        )
+        try:
+            self.processes = await _procs.spawn_processes(
+                svc.actor_cls.procs,
+                f"{svc.name}_r{self.index}",
+                gpus,
+                env={"FORGE_LITE_REPLICA": str(self.index)},
+            )
+        except BaseException:
+            _procs.release_gpus(gpus or [])
+            raise
+        runtime.on_mesh_failure(self._actor_name, self._on_mesh_failure)
+        try:
+            self.mesh = await spawn_actor_mesh(
+                svc.actor_cls, self.processes, self._actor_name, svc.args, svc.kwargs
+            )
+        except BaseException:
+            runtime.forget_mesh(self._actor_name)
+            raise
+        self.last_spawn_s = time.perf_counter() - started
+
+    def _on_mesh_failure(self, mesh_name: str, report: str) -> None:
+        # Runs on a Monarch thread: hop onto the service's event loop.
+        generation = self.generation
+        self.service.loop.call_soon_threadsafe(
+            self.service.replica_failed, self, describe_failure(report), generation,
+            context=self.service.context.copy(),
+        )
+
+    async def stop(self) -> None:
+        runtime.forget_mesh(self._actor_name)
+        if self.processes is not None:
+            await _procs.stop_processes(self.processes)
+
+    def kill(self) -> None:
+        """SIGKILL every process of this replica (fault injection)."""
+        if self.processes is not None:
+            _procs.kill_processes(self.processes)
+
+    # ------------------------------------------------------------ calls
+
+    async def call(self, endpoint: str, args: tuple, kwargs: dict) -> Any:
+        """Run ``endpoint`` on this replica; rank 0's result for multi-process replicas.
+
+        Raises UserError for an exception from the endpoint's code and
+        ReplicaFailure when the replica itself failed.
+        """
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        mesh = self.mesh
+        if mesh is None or not self.accepting:
+            raise ReplicaFailure(f"replica {self.index} is {self.state}")
+        method = getattr(mesh, endpoint)
+        try:
+            if self.service.actor_cls.procs == 1:
+                return await method.call_one(*args, **kwargs)
+            values = await method.call(*args, **kwargs)
+            return next(iter(values.values()))
+        except ActorError as e:
+            raise UserError(e.exception) from None
+        except (TypeError, ValueError):
+            raise  # bad arguments, checked on the caller's side: the caller's error
+        except Exception as e:  # SupervisionError and friends: infrastructure
+            raise ReplicaFailure(describe_failure(str(e))) from e
+
+    async def probe(self, timeout: float) -> None:
+        """Ask a helper actor on each process for its pid: does the process answer?"""
+        if self.processes is None or self.processes.info is None:
+            raise ReplicaFailure("no processes")
+        try:
+            await asyncio.wait_for(self.processes.info.pid.call(), timeout)
+        except asyncio.TimeoutError:
+            raise ReplicaFailure(f"did not answer a health probe within {timeout:.1f} s") from None
+        except Exception as e:
+            raise ReplicaFailure(describe_failure(str(e))) from e

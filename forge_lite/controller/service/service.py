@@ -1,0 +1,509 @@
+"""The service controller: replicas behind a router, in the caller's process.
+
+``Service`` runs on the caller's event loop (the notebook kernel), so a widget
+in the same kernel can watch it directly. For each request it picks a replica
+(session pin or router), waits in order when every replica is full, sends the
+call, and on an infrastructure failure marks the replica FAILED, retries the
+request elsewhere, and respawns the replica in the background. A health loop
+probes every replica. Everything it decides is published on ``self.events``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import itertools
+import time
+from collections import deque
+from typing import Any
+
+from forge_lite.controller import procs as _procs
+from forge_lite.controller.service.events import (
+    EventStream,
+    ReplicaStateChanged,
+    RequestFinished,
+    RequestRetried,
+    RequestRouted,
+    ServiceStopped,
+    SessionEnded,
+    SessionMoved,
+    SessionStarted,
+)
+from forge_lite.controller.service.metrics import ServiceMetrics
+from forge_lite.controller.service.replica import (
+    Replica,
+    ReplicaFailure,
+    ReplicaState,
+    UserError,
+)
+from forge_lite.controller.service.router import Request, make_router
+from forge_lite.controller.service.sessions import SessionTable, current_session
+
+HEALTHY, OVERLOADED, FAILED, RECOVERING, STOPPED = (
+    ReplicaState.HEALTHY,
+    ReplicaState.OVERLOADED,
+    ReplicaState.FAILED,
+    ReplicaState.RECOVERING,
+    ReplicaState.STOPPED,
+)
+
+
+class NoHealthyReplicaError(RuntimeError):
+    """No replica could take the request (all failed, or the wait timed out)."""
+
+
+class ServiceShutdownError(RuntimeError):
+    """The service was shut down."""
+
+
+class FanoutError(RuntimeError):
+    """Some replicas failed a fanout; ``results`` holds the others' answers."""
+
+    def __init__(self, endpoint: str, failures: dict[int, BaseException], results: dict[int, Any]):
+        listed = "; ".join(f"replica {i}: {type(e).__name__}: {e}" for i, e in failures.items())
+        super().__init__(f"fanout of {endpoint!r} failed on {len(failures)} replica(s): {listed}")
+        self.failures = failures
+        self.results = results
+
+
+class FanoutResult(list):
+    """The results of a fanout in replica order; ``.replicas`` says which answered."""
+
+    def __init__(self, values: list, replicas: list[int]):
+        super().__init__(values)
+        self.replicas = replicas
+
+
+class Service:
+    _ids = itertools.count()
+
+    def __init__(self, actor_cls: type, args: tuple, kwargs: dict):
+        self.actor_cls = actor_cls
+        self.args, self.kwargs = args, kwargs
+        self.config = actor_cls.service_config
+        self.id = next(Service._ids)
+        self.name = f"{actor_cls.actor_class().__name__.lower()}{self.id}"
+        self.loop = asyncio.get_running_loop()
+        # Monarch finds "who is calling" through context variables. Work that
+        # starts on a Monarch thread (the fault hook) must run in the caller's
+        # context, or spawning a replacement finds no client to spawn from.
+        self.context = contextvars.copy_context()
+        self.events = EventStream(self.config.event_history)
+        self.metrics = ServiceMetrics(self.events)
+        self.router = make_router(self.config.router)
+        self.sessions = SessionTable()
+        self.replicas: list[Replica] = []
+        self.last_failure: str | None = None
+        self._waiters: deque[tuple[Request, asyncio.Future]] = deque()
+        self._request_ids = itertools.count(1)
+        self._tasks: set[asyncio.Task] = set()
+        self._health_task: asyncio.Task | None = None
+        self._shut_down = False
+
+    # ------------------------------------------------------------ start / stop
+
+    @classmethod
+    async def start(cls, actor_cls: type, args: tuple, kwargs: dict):
+        from forge_lite.controller.service.interface import ServiceInterface
+
+        if actor_cls.with_gpus:
+            gpus = _procs.visible_gpus()
+            needed = actor_cls.num_replicas * actor_cls.procs
+            if gpus and needed > len(gpus):
+                raise RuntimeError(
+                    f"{actor_cls.__name__} needs {needed} GPUs ({actor_cls.num_replicas} replicas × "
+                    f"{actor_cls.procs} procs) but this machine has {len(gpus)}."
+                )
+        service = cls(actor_cls, args, kwargs)
+        service.replicas = [Replica(service, i) for i in range(actor_cls.num_replicas)]
+        for replica in service.replicas:
+            service._publish_state(replica, None, RECOVERING, "starting")
+        results = await asyncio.gather(
+            *(service._start_replica(r) for r in service.replicas), return_exceptions=True
+        )
+        errors = [e for e in results if isinstance(e, BaseException)]
+        if errors:
+            await service.shutdown()
+            raise errors[0]
+        service._health_task = service._spawn_task(service._health_loop())
+        return ServiceInterface(service)
+
+    async def _start_replica(self, replica: Replica) -> None:
+        await replica.spawn()
+        self._set_state(replica, HEALTHY, f"started in {replica.last_spawn_s:.1f} s")
+
+    async def shutdown(self) -> None:
+        """Stop every replica and the health loop; safe to call twice."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        for task in list(self._tasks):
+            task.cancel()
+        self._fail_waiters(ServiceShutdownError(f"service {self.name} is shut down"))
+        for replica in self.replicas:
+            self._set_state(replica, STOPPED, "service shut down")
+        await asyncio.gather(*(r.stop() for r in self.replicas), return_exceptions=True)
+        self.events.publish(ServiceStopped(self.name))
+
+    @property
+    def is_shut_down(self) -> bool:
+        return self._shut_down
+
+    def _check_open(self) -> None:
+        if self._shut_down:
+            raise ServiceShutdownError(
+                f"service {self.name} is shut down; start a new one with .as_service()"
+            )
+
+    def _spawn_task(self, coro) -> asyncio.Task:
+        task = self.loop.create_task(coro, context=self.context.copy())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ------------------------------------------------------------ route
+
+    async def route(self, endpoint: str, args: tuple, kwargs: dict, sess_id: str | None = None) -> Any:
+        self._check_open()
+        session = sess_id or current_session(self.id)
+        if session is not None and session not in self.sessions:
+            self.sessions.start(session)
+        request = Request(endpoint, args, kwargs, session, id=next(self._request_ids))
+        while True:
+            replica, reason = await self._acquire(request)
+            self.events.publish(
+                RequestRouted(request.id, endpoint, replica.index, session, self.router.name, reason, request.attempt)
+            )
+            started = time.perf_counter()
+            try:
+                result = await replica.call(endpoint, args, kwargs)
+            except UserError as e:
+                # The endpoint's own code raised: a successful round trip.
+                self._finish(request, replica, started, ok=False, error=e.original, healthy=True)
+                raise e.original from None
+            except ReplicaFailure as e:
+                self._finish(request, replica, started, ok=False, error=e, healthy=False)
+                self.replica_failed(replica, str(e), replica.generation)
+                request.attempt += 1
+                request.failed_replicas.append(replica.index)
+                if request.attempt > self.config.max_retries:
+                    raise NoHealthyReplicaError(
+                        f"{endpoint} failed on {request.attempt} replica(s) "
+                        f"{request.failed_replicas} (max_retries={self.config.max_retries}); last: {e}"
+                    ) from e
+                self.events.publish(RequestRetried(request.id, endpoint, replica.index, str(e), request.attempt))
+                continue
+            except BaseException as e:  # cancelled, or bad arguments
+                self._finish(request, replica, started, ok=False, error=e, healthy=True)
+                raise
+            self._finish(request, replica, started, ok=True, result=result, healthy=True)
+            return result
+
+    def _finish(self, request, replica, started, *, ok, healthy, result=None, error=None) -> None:
+        replica.in_flight -= 1
+        if healthy:
+            replica.requests_served += 1
+            if ok or isinstance(error, Exception):
+                replica.consecutive_failures = 0
+        self.events.publish(
+            RequestFinished(
+                request.id, request.endpoint, replica.index, request.session,
+                time.perf_counter() - started, ok,
+                None if error is None else type(error).__name__, result,
+            )
+        )
+        if replica.state == OVERLOADED and replica.has_room:
+            self._set_state(replica, HEALTHY, "back under the request limit")
+        if self._waiters:
+            self._drain()
+
+    # ------------------------------------------------------------ picking a replica
+
+    async def _acquire(self, request: Request) -> tuple[Replica, str]:
+        """A replica with room for ``request`` (its in-flight count taken), and why."""
+        if not self._waiters:
+            picked = self._pick(request)
+            if picked is not None:
+                return picked
+        if not self._can_wait():
+            raise NoHealthyReplicaError(self._no_replica_message())
+        waiter = self.loop.create_future()
+        entry = (request, waiter)
+        self._waiters.append(entry)
+        try:
+            if self.config.request_timeout is None:
+                return await waiter
+            return await asyncio.wait_for(waiter, self.config.request_timeout)
+        except asyncio.TimeoutError:
+            raise NoHealthyReplicaError(
+                f"no replica took the request within request_timeout={self.config.request_timeout} s; "
+                + self._no_replica_message()
+            ) from None
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                pass  # handed over normally
+            elif not waiter.done():
+                waiter.cancel()
+
+    def _pick(self, request: Request) -> tuple[Replica, str] | None:
+        candidates = [r for r in self.replicas if r.accepting and r.has_room]
+        if request.session is not None:
+            return self._pick_for_session(request.session, candidates)
+        if not candidates:
+            return None
+        replica, reason = self.router.choose(request, candidates)
+        if request.failed_replicas:
+            reason = f"retry after replica {request.failed_replicas[-1]} failed: {reason}"
+        return self._take(replica, reason)
+
+    def _pick_for_session(self, session: str, candidates: list[Replica]):
+        pin = self.sessions.pinned(session)
+        if pin is not None:
+            index, generation = pin
+            replica = self.replicas[index] if index < len(self.replicas) else None
+            if replica is not None and replica.accepting and replica.generation == generation:
+                if not replica.has_room:
+                    return None  # sticky: wait for this replica
+                return self._take(replica, f"session {session} pinned → {index}")
+        if not candidates:
+            return None
+        counts = self.sessions.counts()
+        replica = min(candidates, key=lambda r: (r.in_flight, counts.get(r.index, 0), r.index))
+        self.sessions.pin(session, (replica.index, replica.generation))
+        if pin is None:
+            self.events.publish(SessionStarted(session, replica.index))
+            return self._take(replica, f"session {session} new, least loaded → {replica.index}")
+        old = pin[0]
+        why = (
+            f"replica {old} restarted"
+            if old < len(self.replicas) and self.replicas[old].accepting
+            else f"replica {old} is {self.replicas[old].state if old < len(self.replicas) else 'gone'}"
+        )
+        self.events.publish(
+            SessionMoved(session, old, replica.index, f"{why}; session state on replica {replica.index} starts fresh")
+        )
+        return self._take(replica, f"session {session} moved {old} → {replica.index}")
+
+    def _take(self, replica: Replica, reason: str) -> tuple[Replica, str]:
+        replica.in_flight += 1
+        if replica.state == HEALTHY and not replica.has_room:
+            self._set_state(
+                replica, OVERLOADED,
+                f"{replica.in_flight} requests in flight (limit {self.config.max_concurrent_requests})",
+            )
+        return replica, reason
+
+    def _drain(self) -> None:
+        """Hand waiting requests, oldest first, to replicas that have room."""
+        still_waiting: deque = deque()
+        while self._waiters:
+            request, waiter = entry = self._waiters.popleft()
+            if waiter.done():
+                continue
+            picked = self._pick(request)
+            if picked is None:
+                still_waiting.append(entry)
+            else:
+                waiter.set_result(picked)
+        self._waiters = still_waiting
+        if self._waiters and not self._can_wait():
+            self._fail_waiters(NoHealthyReplicaError(self._no_replica_message()))
+
+    def _can_wait(self) -> bool:
+        """Is there a replica that is, or soon will be, able to take requests?"""
+        if any(r.accepting or r.state == RECOVERING for r in self.replicas):
+            return True
+        # An open circuit breaker closes after its cooldown: worth a bounded wait.
+        return self.config.request_timeout is not None and any(
+            r.state == FAILED and r.breaker_open_until for r in self.replicas
+        )
+
+    def _no_replica_message(self) -> str:
+        states = ", ".join(f"{r.index}: {r.state} ({r.reason})" for r in self.replicas)
+        last = f"; last failure: {self.last_failure}" if self.last_failure else ""
+        return f"no replica of {self.name} is healthy [{states}]{last}"
+
+    def _fail_waiters(self, error: BaseException) -> None:
+        while self._waiters:
+            _, waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    # ------------------------------------------------------------ states and failures
+
+    def _publish_state(self, replica: Replica, old, new, reason: str) -> None:
+        self.events.publish(ReplicaStateChanged(replica.index, None if old is None else str(old), str(new), reason))
+
+    def _set_state(self, replica: Replica, new: ReplicaState, reason: str) -> None:
+        old = replica.state
+        if old == new and replica.reason == reason:
+            return
+        replica.state, replica.reason = new, reason
+        self._publish_state(replica, old, new, reason)
+        if replica.accepting and self._waiters:
+            self._drain()
+        elif self._waiters and not self._can_wait():
+            self._fail_waiters(NoHealthyReplicaError(self._no_replica_message()))
+
+    def replica_failed(self, replica: Replica, reason: str, generation: int | None = None) -> None:
+        """An infrastructure failure: mark FAILED, then recover in the background."""
+        if self._shut_down or (generation is not None and generation != replica.generation):
+            return  # a stale report about processes already replaced
+        if not replica.accepting:
+            return  # already failed, recovering, or stopped
+        self.last_failure = f"replica {replica.index}: {reason}"
+        replica.consecutive_failures += 1
+        replica.kill()  # a replica that stopped answering may still be alive
+        self.router.forget_replica(replica.index)
+        self._set_state(replica, FAILED, reason)
+        if replica.consecutive_failures >= self.config.failure_threshold:
+            replica.breaker_open_until = time.monotonic() + self.config.cooldown
+            self._set_state(
+                replica, FAILED,
+                f"circuit open after {replica.consecutive_failures} consecutive failures "
+                f"(last: {reason}); next try in {self.config.cooldown:g} s",
+            )
+        elif self.config.auto_respawn:
+            self._set_state(replica, RECOVERING, f"respawning after: {reason}")
+        if self.config.auto_respawn:
+            self._spawn_task(self._recover(replica))
+
+    async def _recover(self, replica: Replica) -> None:
+        await replica.stop()
+        while not self._shut_down:
+            wait = replica.breaker_open_until - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            replica.breaker_open_until = 0.0
+            self._set_state(replica, RECOVERING, replica.reason if replica.state == RECOVERING else "one probe after cooldown: respawning")
+            try:
+                await replica.spawn()
+            except Exception as e:
+                replica.consecutive_failures += 1
+                self.last_failure = f"replica {replica.index}: respawn failed: {e}"
+                await replica.stop()
+                replica.breaker_open_until = time.monotonic() + self.config.cooldown
+                self._set_state(replica, FAILED, f"respawn failed ({type(e).__name__}: {e}); next try in {self.config.cooldown:g} s")
+                continue
+            if self._shut_down:
+                await replica.stop()
+                return
+            self._set_state(replica, HEALTHY, f"respawned in {replica.last_spawn_s:.1f} s")
+            return
+
+    async def _health_loop(self) -> None:
+        probe_timeout = max(5.0, 5 * self.config.health_poll_rate)
+        while not self._shut_down:
+            await asyncio.sleep(self.config.health_poll_rate)
+            live = [r for r in self.replicas if r.accepting]
+            results = await asyncio.gather(*(r.probe(probe_timeout) for r in live), return_exceptions=True)
+            for replica, result in zip(live, results):
+                if isinstance(result, ReplicaFailure):
+                    self.replica_failed(replica, f"health probe: {result}", replica.generation)
+
+    # ------------------------------------------------------------ fanout
+
+    async def fanout(self, endpoint: str, args: tuple, kwargs: dict) -> FanoutResult:
+        self._check_open()
+        targets = [r for r in self.replicas if r.accepting]
+        if not targets:
+            raise NoHealthyReplicaError(self._no_replica_message())
+        outcomes = await asyncio.gather(
+            *(self._call_replica(r, endpoint, args, kwargs) for r in targets), return_exceptions=True
+        )
+        failures = {r.index: o for r, o in zip(targets, outcomes) if isinstance(o, BaseException)}
+        results = {r.index: o for r, o in zip(targets, outcomes) if not isinstance(o, BaseException)}
+        if failures:
+            raise FanoutError(endpoint, failures, results)
+        return FanoutResult(list(results.values()), list(results))
+
+    async def _call_replica(self, replica: Replica, endpoint: str, args: tuple, kwargs: dict) -> Any:
+        """One call on one given replica (fanout): no router, no retry."""
+        request = Request(endpoint, args, kwargs, None, id=next(self._request_ids))
+        self._take(replica, "fanout")
+        self.events.publish(RequestRouted(request.id, endpoint, replica.index, None, "fanout", f"fanout → {replica.index}"))
+        started = time.perf_counter()
+        try:
+            result = await replica.call(endpoint, args, kwargs)
+        except UserError as e:
+            self._finish(request, replica, started, ok=False, error=e.original, healthy=True)
+            raise e.original from None
+        except ReplicaFailure as e:
+            self._finish(request, replica, started, ok=False, error=e, healthy=False)
+            self.replica_failed(replica, str(e), replica.generation)
+            raise
+        except BaseException as e:
+            self._finish(request, replica, started, ok=False, error=e, healthy=True)
+            raise
+        self._finish(request, replica, started, ok=True, result=result, healthy=True)
+        return result
+
+    # ------------------------------------------------------------ sessions
+
+    def start_session(self, session_id: str | None = None) -> str:
+        self._check_open()
+        return self.sessions.start(session_id)
+
+    def terminate_session(self, session_id: str) -> None:
+        pin = self.sessions.end(session_id)
+        self.events.publish(SessionEnded(session_id, None if pin is None else pin[0]))
+
+    # ------------------------------------------------------------ teaching controls
+
+    async def kill_replica(self, index: int) -> None:
+        """SIGKILL replica ``index``'s processes; the service notices on its own."""
+        self._check_open()
+        self._replica(index).kill()
+
+    async def slow_replica(self, index: int, seconds: float) -> None:
+        """Hold every request sent to replica ``index`` for ``seconds`` more (0 ends it).
+
+        The delay is added by the controller before the call is sent, so it
+        behaves like a slow network or an overloaded GPU: the request is in
+        flight, counts against the replica's limit, and routers see it.
+        """
+        self._check_open()
+        if seconds < 0:
+            raise ValueError(f"seconds must be >= 0, got {seconds}")
+        self._replica(index).delay_s = float(seconds)
+
+    async def scale(self, num_replicas: int) -> None:
+        """Add replicas, or remove the highest-numbered ones after they drain."""
+        self._check_open()
+        if not isinstance(num_replicas, int) or num_replicas < 1:
+            raise ValueError(f"num_replicas must be an integer >= 1, got {num_replicas!r}")
+        current = len(self.replicas)
+        if num_replicas > current:
+            new = [Replica(self, i) for i in range(current, num_replicas)]
+            self.replicas.extend(new)
+            for replica in new:
+                self._publish_state(replica, None, RECOVERING, "starting (scale up)")
+            results = await asyncio.gather(*(self._start_replica(r) for r in new), return_exceptions=True)
+            for replica, result in zip(new, results):
+                if isinstance(result, BaseException):
+                    self._set_state(replica, FAILED, f"failed to start: {result}")
+        for replica in reversed(self.replicas[num_replicas:]):
+            self._set_state(replica, STOPPED, f"removed by scale({num_replicas}); draining")
+            while replica.in_flight > 0:
+                await asyncio.sleep(0.01)
+            await replica.stop()
+            self.replicas.remove(replica)
+            self.router.forget_replica(replica.index)
+
+    async def wait_for_state(self, index: int, state: str, timeout: float = 60.0) -> None:
+        """Wait until replica ``index`` is in ``state`` (e.g. "HEALTHY")."""
+        deadline = time.monotonic() + timeout
+        while str(self._replica(index).state) != str(state):
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"replica {index} is {self._replica(index).state} ({self._replica(index).reason}), "
+                    f"not {state}, after {timeout} s"
+                )
+            await asyncio.sleep(0.05)
+
+    def _replica(self, index: int) -> Replica:
+        if not 0 <= index < len(self.replicas):
+            raise IndexError(f"no replica {index}: this service has replicas 0..{len(self.replicas) - 1}")
+        return self.replicas[index]
