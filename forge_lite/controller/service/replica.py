@@ -76,6 +76,7 @@ class Replica:
         self.requests_served = 0
         self.consecutive_failures = 0
         self.breaker_open_until = 0.0
+        self.recovering = False  # a background respawn is under way
         self.delay_s = 0.0  # injected by slow_replica()
         self.generation = 0
         self.processes: _procs.Processes | None = None

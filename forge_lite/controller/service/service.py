@@ -313,12 +313,13 @@ class Service:
 
     def _can_wait(self) -> bool:
         """Is there a replica that is, or soon will be, able to take requests?"""
-        if any(r.accepting or r.state == RECOVERING for r in self.replicas):
-            return True
+        for r in self.replicas:
+            if r.accepting or r.state == RECOVERING:
+                return True
+            if r.recovering and not r.breaker_open_until:
+                return True  # failed a moment ago; its respawn is under way
         # An open circuit breaker closes after its cooldown: worth a bounded wait.
-        return self.config.request_timeout is not None and any(
-            r.state == FAILED and r.breaker_open_until for r in self.replicas
-        )
+        return self.config.request_timeout is not None and any(r.recovering for r in self.replicas)
 
     def _no_replica_message(self) -> str:
         states = ", ".join(f"{r.index}: {r.state} ({r.reason})" for r in self.replicas)
@@ -365,33 +366,42 @@ class Service:
                 f"circuit open after {replica.consecutive_failures} consecutive failures "
                 f"(last: {reason}); next try in {self.config.cooldown:g} s",
             )
-        elif self.config.auto_respawn:
-            self._set_state(replica, RECOVERING, f"respawning after: {reason}")
         if self.config.auto_respawn:
+            replica.recovering = True
             self._spawn_task(self._recover(replica))
 
     async def _recover(self, replica: Replica) -> None:
-        await replica.stop()
-        while not self._shut_down:
-            wait = replica.breaker_open_until - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            replica.breaker_open_until = 0.0
-            self._set_state(replica, RECOVERING, replica.reason if replica.state == RECOVERING else "one probe after cooldown: respawning")
-            try:
-                await replica.spawn()
-            except Exception as e:
-                replica.consecutive_failures += 1
-                self.last_failure = f"replica {replica.index}: respawn failed: {e}"
-                await replica.stop()
-                replica.breaker_open_until = time.monotonic() + self.config.cooldown
-                self._set_state(replica, FAILED, f"respawn failed ({type(e).__name__}: {e}); next try in {self.config.cooldown:g} s")
-                continue
-            if self._shut_down:
-                await replica.stop()
+        """Clean up a failed replica, wait out an open breaker, respawn it."""
+        try:
+            await replica.stop()  # FAILED stays visible while old processes go
+            while not self._shut_down:
+                wait = replica.breaker_open_until - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    reason = "cooldown over: one respawn decides"
+                else:
+                    reason = f"respawning after: {replica.reason}"
+                replica.breaker_open_until = 0.0
+                self._set_state(replica, RECOVERING, reason)
+                try:
+                    await replica.spawn()
+                except Exception as e:
+                    replica.consecutive_failures += 1
+                    self.last_failure = f"replica {replica.index}: respawn failed: {e}"
+                    await replica.stop()
+                    replica.breaker_open_until = time.monotonic() + self.config.cooldown
+                    self._set_state(
+                        replica, FAILED,
+                        f"respawn failed ({type(e).__name__}: {e}); next try in {self.config.cooldown:g} s",
+                    )
+                    continue
+                if self._shut_down:
+                    await replica.stop()
+                    return
+                self._set_state(replica, HEALTHY, f"respawned in {replica.last_spawn_s:.1f} s")
                 return
-            self._set_state(replica, HEALTHY, f"respawned in {replica.last_spawn_s:.1f} s")
-            return
+        finally:
+            replica.recovering = False
 
     async def _health_loop(self) -> None:
         probe_timeout = max(5.0, 5 * self.config.health_poll_rate)
@@ -493,15 +503,31 @@ class Service:
             self.router.forget_replica(replica.index)
 
     async def wait_for_state(self, index: int, state: str, timeout: float = 60.0) -> None:
-        """Wait until replica ``index`` is in ``state`` (e.g. "HEALTHY")."""
-        deadline = time.monotonic() + timeout
-        while str(self._replica(index).state) != str(state):
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"replica {index} is {self._replica(index).state} ({self._replica(index).reason}), "
-                    f"not {state}, after {timeout} s"
-                )
-            await asyncio.sleep(0.05)
+        """Wait until replica ``index`` is, or passes through, ``state``.
+
+        Event based, so a state that lasts no time at all (FAILED, right
+        before RECOVERING) is still seen.
+        """
+        if str(self._replica(index).state) == str(state):
+            return
+        reached = self.loop.create_future()
+
+        def watch(event) -> None:
+            if (isinstance(event, ReplicaStateChanged) and event.replica == index
+                    and event.new == str(state) and not reached.done()):
+                reached.set_result(None)
+
+        unsubscribe = self.events.subscribe(watch)
+        try:
+            await asyncio.wait_for(reached, timeout)
+        except asyncio.TimeoutError:
+            replica = self._replica(index)
+            raise TimeoutError(
+                f"replica {index} did not reach {state} within {timeout} s; "
+                f"it is {replica.state} ({replica.reason})"
+            ) from None
+        finally:
+            unsubscribe()
 
     def _replica(self, index: int) -> Replica:
         if not 0 <= index < len(self.replicas):

@@ -1,0 +1,89 @@
+"""ServiceDashboard state on a real service: cards, routing log, sessions, KV."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+import forge_lite  # noqa: F401
+from forge_lite import ForgeActor
+from monarch.actor import endpoint
+
+from widgets import ServiceDashboard
+
+
+class Echo(ForgeActor):
+    @endpoint
+    def where(self, prompt: str = "") -> int:
+        return int(os.environ["FORGE_LITE_REPLICA"])
+
+
+async def _states_of(dashboard, index: int) -> list[str]:
+    return [e.new for e in dashboard.service.events.history() if getattr(e, "replica", None) == index and hasattr(e, "new")]
+
+
+@pytest.mark.timeout(180)
+async def test_dashboard_follows_routing_sessions_and_a_killed_replica():
+    svc = await Echo.options(num_replicas=3).as_service()
+    try:
+        dash = ServiceDashboard(svc)
+        assert [c.state for _, c in sorted(dash.view.cards.items())] == ["HEALTHY"] * 3
+        assert "fl-replica-healthy" in dash._cards.value
+
+        assert [await svc.where.route() for _ in range(3)] == [0, 1, 2]
+        rows = list(dash.view.rows)[-3:]
+        assert [(r.replica, r.reason) for r in rows] == [
+            (0, "round robin → 0"), (1, "round robin → 1"), (2, "round robin → 2")
+        ]
+
+        async with svc.session() as sid:
+            pinned = {await svc.where.route() for _ in range(3)}
+        assert len(pinned) == 1
+        session_rows = [r for r in dash.view.rows if r.session == sid]
+        assert len(session_rows) == 3 and f"session {sid}" in session_rows[-1].reason
+
+        await svc.kill_replica(1)
+        await svc.wait_for_state(1, "FAILED", timeout=60)
+        await svc.wait_for_state(1, "HEALTHY", timeout=60)
+        await asyncio.sleep(0.3)  # let the throttled redraw run
+        states = await _states_of(dash, 1)
+        assert states[-3:] == ["FAILED", "RECOVERING", "HEALTHY"]
+        card = dash.view.cards[1]
+        assert card.state == "HEALTHY" and card.reason.startswith("respawned in")
+        assert "fl-replica-healthy" in dash._cards.value and "respawned in" in dash._cards.value
+        assert dash.view.failures and dash.view.failures[-1][1] == 1
+
+        await svc.scale(4)
+        await asyncio.sleep(0.3)
+        assert sorted(dash.view.cards) == [0, 1, 2, 3] and dash.view.cards[3].state == "HEALTHY"
+
+        # Throttled: many events, few redraws.
+        before = dash.redraws
+        await asyncio.gather(*(svc.where.route() for _ in range(200)))
+        await asyncio.sleep(0.3)
+        assert 1 <= dash.redraws - before < 100
+
+        fig = dash.snapshot()
+        assert len(fig.axes) == 3
+        assert repr(dash) == "ServiceDashboard(Echo service)"
+    finally:
+        await svc.shutdown()
+    assert dash.view.stopped and all(b.disabled for b in dash._controls.children)
+
+
+@pytest.mark.timeout(120)
+async def test_kill_button_kills_the_chosen_replica():
+    svc = await Echo.options(num_replicas=2).as_service()
+    try:
+        dash = ServiceDashboard(svc)
+        dash._replica_pick.value = 1
+        dash._buttons["kill"].click()
+        await svc.wait_for_state(1, "FAILED", timeout=60)
+        await svc.wait_for_state(1, "HEALTHY", timeout=60)
+        assert dash.view.cards[1].reason.startswith("respawned")
+        dash._buttons["router"].value = "least_loaded"
+        assert svc.service.router.name == "least_loaded"
+    finally:
+        await svc.shutdown()

@@ -1,0 +1,274 @@
+"""ServiceDashboard: watch a service while it works, in the notebook.
+
+Display it in a cell and it keeps updating while later cells run: replica
+cards (state, load, latency, sessions, weight version, KV-cache hit rate),
+the last routing decisions with the router's reason, a replica × time strip
+coloured by session, prompt tokens served from the KV cache, and buttons to
+kill, slow and scale replicas. It reads the service's event stream and
+nothing else (see ``service_view.py``); a redraw happens at most 10 times a
+second, from the kernel's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import io
+import time
+
+import ipywidgets as w
+
+from widgets.service_view import STATE_COLOURS, ServiceView
+from widgets.throttle import Throttle
+
+CSS = """
+<style>
+.fl-cards { display: flex; flex-wrap: wrap; gap: 8px; }
+.fl-replica { border: 3px solid #999; border-radius: 6px; padding: 6px 10px; min-width: 170px;
+              font-family: sans-serif; font-size: 12px; line-height: 1.4; }
+.fl-replica .fl-state { font-weight: bold; font-size: 14px; }
+.fl-replica-healthy { border-color: #2e7d32; }   .fl-replica-healthy .fl-state { color: #2e7d32; }
+.fl-replica-overloaded { border-color: #ef6c00; } .fl-replica-overloaded .fl-state { color: #ef6c00; }
+.fl-replica-failed { border-color: #c62828; }    .fl-replica-failed .fl-state { color: #c62828; }
+.fl-replica-recovering { border-color: #1565c0; } .fl-replica-recovering .fl-state { color: #1565c0; }
+.fl-replica-stopped { border-color: #616161; }   .fl-replica-stopped .fl-state { color: #616161; }
+.fl-flash { box-shadow: 0 0 8px 2px #fdd835; }
+.fl-reason { color: #444; font-style: italic; }
+.fl-log { font-family: monospace; font-size: 11px; border-collapse: collapse; }
+.fl-log td, .fl-log th { padding: 1px 8px; text-align: left; }
+.fl-big { font-size: 28px; font-weight: bold; font-family: sans-serif; }
+.fl-bar { display: inline-block; height: 12px; vertical-align: middle; }
+</style>
+"""
+
+STATE_MARK = {"HEALTHY": "●", "OVERLOADED": "▲", "FAILED": "✖", "RECOVERING": "↻", "STOPPED": "■"}
+
+
+def _fmt(value, spec: str, missing: str = "–") -> str:
+    return missing if value is None else format(value, spec)
+
+
+class ServiceDashboard(w.VBox):
+    """A live dashboard of one service (the handle ``as_service`` returned)."""
+
+    def __init__(self, service, rows: int = 12, redraw_interval: float = 0.1):
+        self.service = service
+        controller = service.service
+        self.view = ServiceView(capacity=controller.config.max_concurrent_requests)
+        self.rows_shown = rows
+        self._header = w.HTML()
+        self._cards = w.HTML()
+        self._kv = w.HTML()
+        self._log = w.HTML()
+        self._strip = w.Image(format="png", layout=w.Layout(max_width="720px"))
+        self._controls = self._make_controls(controller)
+        super().__init__(
+            [w.HTML(CSS), self._header, self._cards, self._controls,
+             w.HTML("<b>KV cache: prompt tokens from cache vs computed</b>"), self._kv,
+             w.HTML("<b>Routing decisions</b>"), self._log, self._strip]
+        )
+        self._throttle = Throttle(self._redraw, redraw_interval)
+        self._strip_throttle = Throttle(self._redraw_strip, 1.0)
+        self._unsubscribe = service.events.subscribe(self._on_event, replay=True)
+        self._redraw()
+        self._redraw_strip()
+
+    # ------------------------------------------------------------ events
+
+    def _on_event(self, event) -> None:
+        self.view.observe(event)
+        if self.view.stopped:
+            self.detach()
+            return
+        self._throttle()
+        self._strip_throttle()
+
+    def detach(self) -> None:
+        """Stop listening (done automatically when the service shuts down)."""
+        self._unsubscribe()
+        self._throttle.cancel()
+        self._strip_throttle.cancel()
+        for child in self._controls.children:
+            child.disabled = True
+        self._redraw()
+        self._redraw_strip()
+
+    @property
+    def redraws(self) -> int:
+        return self._throttle.runs
+
+    # ------------------------------------------------------------ rendering
+
+    def _redraw(self) -> None:
+        self.view.refresh_from(self.service.metrics())
+        now = time.time()
+        view = self.view
+        title = html.escape(self.service.service.actor_cls.__name__)
+        status = "shut down" if view.stopped else f"router: {self.service.service.router.name}"
+        hit = view.kv_total.hit_rate
+        big = (
+            f"<span class='fl-big'>{hit:.0%}</span> of prompt tokens from the KV cache"
+            if hit is not None else ""
+        )
+        self._header.value = f"<b>{title} service</b> ({status}) &nbsp; {big}"
+        self._cards.value = "<div class='fl-cards'>" + "".join(
+            self._card_html(c, now) for _, c in sorted(view.cards.items())
+        ) + "</div>"
+        self._kv.value = self._kv_html()
+        self._log.value = self._log_html()
+        flashing = [c for c in view.cards.values() if c.flashing(now)]
+        if flashing and not view.stopped:  # redraw once the flash is over
+            try:
+                asyncio.get_running_loop().call_later(2.1, self._throttle)
+            except RuntimeError:
+                pass
+
+    def _card_html(self, c, now: float) -> str:
+        flash = " fl-flash" if c.flashing(now) else ""
+        lines = [
+            f"<div class='fl-state'>{STATE_MARK.get(c.state, '')} replica {c.index}: {c.state}</div>",
+            f"<div class='fl-reason'>{html.escape(c.reason)}</div>",
+            f"in flight {c.in_flight} / {c.capacity} · served {c.served}",
+            f"p50 {_fmt(c.p50_ms, '.1f')} ms · sessions {c.sessions}",
+        ]
+        if c.weight_version is not None or c.prompt_tokens:
+            lines.append(f"weights v{_fmt(c.weight_version, 'd')} · KV hits {_fmt(c.kv_hit_rate, '.0%')}")
+        return (
+            f"<div class='fl-replica {c.css_class}{flash}' data-replica='{c.index}' "
+            f"data-state='{c.state}'>" + "<br>".join(lines) + "</div>"
+        )
+
+    def _kv_html(self) -> str:
+        view = self.view
+        if not view.kv_total.prompt_tokens:
+            return "<i>no completions yet</i>"
+        scale = max(c.prompt_tokens for c in list(view.kv_by_replica.values()) + list(view.kv_by_session.values()))
+        rows = []
+        groups = [(f"replica {i}", k) for i, k in sorted(view.kv_by_replica.items())]
+        groups += [(f"session {s}", k) for s, k in list(view.kv_by_session.items())[-8:]]
+        for label, k in groups:
+            cached_w = 300 * k.cached_tokens / scale
+            computed_w = 300 * k.computed_tokens / scale
+            rows.append(
+                f"<tr><td>{html.escape(label)}</td><td>"
+                f"<span class='fl-bar' style='width:{cached_w:.0f}px;background:#2e7d32'></span>"
+                f"<span class='fl-bar' style='width:{computed_w:.0f}px;background:#bdbdbd'></span>"
+                f"</td><td>{k.cached_tokens} cached / {k.prompt_tokens} prompt tokens</td></tr>"
+            )
+        return "<table class='fl-log'>" + "".join(rows) + "</table>"
+
+    def _log_html(self) -> str:
+        rows = list(self.view.rows)[-self.rows_shown:]
+        if not rows:
+            return "<i>no requests yet</i>"
+        start = self.view.started_at
+        body = "".join(
+            f"<tr><td>+{r.time - start:.2f}s</td><td>{html.escape(r.endpoint)}</td>"
+            f"<td>{r.replica}</td><td>{html.escape(r.session or '')}</td>"
+            f"<td>{html.escape(r.reason)}</td></tr>"
+            for r in reversed(rows)
+        )
+        return ("<table class='fl-log'><tr><th>time</th><th>endpoint</th><th>replica</th>"
+                "<th>session</th><th>why</th></tr>" + body + "</table>")
+
+    def _redraw_strip(self) -> None:
+        fig = self.strip_figure()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=72)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        self._strip.value = buffer.getvalue()
+
+    def strip_figure(self):
+        """Replica × time: each routed request a dot coloured by its session."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(8, 2.2))
+        ax = fig.subplots()
+        self._draw_strip(ax)
+        fig.tight_layout()
+        return fig
+
+    def _draw_strip(self, ax) -> None:
+        view = self.view
+        start = view.started_at
+        sessions = sorted({s for _, _, s in view.points if s})
+        palette = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+        colour = {s: palette[i % len(palette)] for i, s in enumerate(sessions)}
+        if view.points:
+            xs = [t - start for t, _, _ in view.points]
+            ys = [r for _, r, _ in view.points]
+            cs = [colour.get(s, "#9e9e9e") for _, _, s in view.points]
+            ax.scatter(xs, ys, c=cs, s=10, marker="|")
+        for t, r in view.failures:
+            ax.scatter([t - start], [r], c="#c62828", marker="x", s=60)
+        n = max(list(view.cards) + [0]) + 1
+        ax.set_yticks(range(n))
+        ax.set_ylim(-0.5, n - 0.5)
+        ax.set_ylabel("replica")
+        ax.set_xlabel("seconds (grey: no session, colour: session, ✖: failure)")
+
+    # ------------------------------------------------------------ controls
+
+    def _make_controls(self, controller) -> w.HBox:
+        self._replica_pick = w.Dropdown(
+            options=[(f"replica {r.index}", r.index) for r in controller.replicas],
+            description="", layout=w.Layout(width="110px"),
+        )
+        kill = w.Button(description="kill", button_style="danger", tooltip="SIGKILL its processes")
+        slow = w.ToggleButton(description="slow (+0.5 s)", tooltip="hold its requests 0.5 s longer")
+        up = w.Button(description="scale +1")
+        down = w.Button(description="scale −1")
+        router = w.Dropdown(options=["round_robin", "least_loaded", "prefix"],
+                            value=controller.router.name if controller.router.name in
+                            ("round_robin", "least_loaded", "prefix") else "round_robin",
+                            description="router", layout=w.Layout(width="220px"))
+        kill.on_click(lambda _: self._run(self.service.kill_replica(self._replica_pick.value)))
+        slow.observe(lambda ch: self._run(self.service.slow_replica(self._replica_pick.value, 0.5 if ch["new"] else 0.0)), "value")
+        up.on_click(lambda _: self._run(self._scale(+1)))
+        down.on_click(lambda _: self._run(self._scale(-1)))
+        router.observe(lambda ch: self.service.set_router(ch["new"]), "value")
+        self._buttons = {"kill": kill, "slow": slow, "up": up, "down": down, "router": router}
+        return w.HBox([self._replica_pick, kill, slow, up, down, router])
+
+    async def _scale(self, delta: int) -> None:
+        target = max(1, len(self.service.replicas) + delta)
+        await self.service.scale(target)
+        self._replica_pick.options = [(f"replica {r.index}", r.index) for r in self.service.replicas]
+
+    def _run(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    # ------------------------------------------------------------ static output
+
+    def snapshot(self):
+        """A matplotlib figure of the current state, for static output (nbconvert)."""
+        from matplotlib.figure import Figure
+
+        view = self.view
+        fig = Figure(figsize=(9, 5))
+        top, middle, bottom = fig.subplots(3, 1, gridspec_kw={"height_ratios": [1, 1.4, 1.2]})
+        cards = [c for _, c in sorted(view.cards.items())]
+        top.barh([f"r{c.index}" for c in cards], [1] * len(cards),
+                 color=[STATE_COLOURS.get(c.state, "#999") for c in cards])
+        for i, c in enumerate(cards):
+            top.text(0.02, i, f"{c.state}  served {c.served}  in flight {c.in_flight}", va="center", color="white")
+        top.set_xticks([])
+        top.set_title(f"{self.service.service.actor_cls.__name__} replicas")
+        self._draw_strip(middle)
+        replicas = sorted(view.kv_by_replica)
+        cached = [view.kv_by_replica[i].cached_tokens for i in replicas]
+        computed = [view.kv_by_replica[i].computed_tokens for i in replicas]
+        bottom.bar([f"r{i}" for i in replicas], cached, color="#2e7d32", label="from KV cache")
+        bottom.bar([f"r{i}" for i in replicas], computed, bottom=cached, color="#bdbdbd", label="computed")
+        bottom.set_ylabel("prompt tokens")
+        if replicas:
+            bottom.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        return fig
+
+    def __repr__(self) -> str:
+        # Stable text for notebooks run without a live front end (nbval, nbconvert).
+        return f"ServiceDashboard({self.service.service.actor_cls.__name__} service)"

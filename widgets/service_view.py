@@ -1,0 +1,166 @@
+"""The state behind a ServiceDashboard, folded from the service's events.
+
+Plain Python, no widgets: what each replica card says, the recent routing
+decisions, the replica × time strip, and the KV-cache counters. The dashboard
+renders this; tests assert on it. Every collection is bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from forge_lite.controller.service.events import (
+    Event,
+    ReplicaStateChanged,
+    RequestFinished,
+    RequestRetried,
+    RequestRouted,
+    ServiceStopped,
+    SessionMoved,
+)
+
+STATE_COLOURS = {
+    "HEALTHY": "#2e7d32",
+    "OVERLOADED": "#ef6c00",
+    "FAILED": "#c62828",
+    "RECOVERING": "#1565c0",
+    "STOPPED": "#616161",
+}
+FLASH_S = 2.0  # how long a card stays highlighted after its state changes
+
+
+@dataclass
+class Card:
+    """What one replica card shows."""
+
+    index: int
+    state: str = "RECOVERING"
+    reason: str = "starting"
+    changed_at: float = 0.0
+    in_flight: int = 0
+    capacity: int = 0
+    served: int = 0
+    p50_ms: float | None = None
+    sessions: int = 0
+    weight_version: int | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def css_class(self) -> str:
+        return f"fl-replica-{self.state.lower()}"
+
+    @property
+    def kv_hit_rate(self) -> float | None:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
+
+    def flashing(self, now: float) -> bool:
+        return now - self.changed_at < FLASH_S
+
+
+@dataclass
+class RoutingRow:
+    time: float
+    endpoint: str
+    replica: int
+    session: str | None
+    reason: str
+
+
+@dataclass
+class KVCounter:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+    def add(self, prompt: int, cached: int) -> None:
+        self.prompt_tokens += prompt
+        self.cached_tokens += cached
+
+    @property
+    def computed_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+    @property
+    def hit_rate(self) -> float | None:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
+
+
+@dataclass
+class ServiceView:
+    """Folds events into dashboard state; ``observe`` is the only writer."""
+
+    capacity: int
+    max_rows: int = 50
+    max_points: int = 2000
+    cards: dict[int, Card] = field(default_factory=dict)
+    rows: deque = field(default_factory=deque)
+    points: deque = field(default_factory=deque)  # (time, replica, session)
+    failures: deque = field(default_factory=deque)  # (time, replica)
+    kv_by_replica: dict[int, KVCounter] = field(default_factory=dict)
+    kv_by_session: dict[str, KVCounter] = field(default_factory=dict)
+    kv_total: KVCounter = field(default_factory=KVCounter)
+    stopped: bool = False
+    started_at: float = field(default_factory=time.time)
+    version: int = 0  # bumped on every change: the renderer redraws when it moves
+
+    def __post_init__(self) -> None:
+        self.rows = deque(maxlen=self.max_rows)
+        self.points = deque(maxlen=self.max_points)
+        self.failures = deque(maxlen=self.max_points)
+
+    def card(self, index: int) -> Card:
+        if index not in self.cards:
+            self.cards[index] = Card(index, capacity=self.capacity)
+        return self.cards[index]
+
+    def observe(self, event: Event) -> None:
+        self.version += 1
+        if isinstance(event, RequestRouted):
+            card = self.card(event.replica)
+            card.in_flight += 1
+            self.rows.append(RoutingRow(event.time, event.endpoint, event.replica, event.session, event.reason))
+            self.points.append((event.time, event.replica, event.session))
+        elif isinstance(event, RequestFinished):
+            card = self.card(event.replica)
+            card.in_flight = max(0, card.in_flight - 1)
+            if event.error_type != "ReplicaFailure":
+                card.served += 1
+            self._count_kv(event)
+        elif isinstance(event, ReplicaStateChanged):
+            card = self.card(event.replica)
+            card.state, card.reason, card.changed_at = event.new, event.reason, event.time
+            if event.new == "FAILED":
+                self.failures.append((event.time, event.replica))
+        elif isinstance(event, RequestRetried):
+            self.rows.append(
+                RoutingRow(event.time, event.endpoint, event.failed_replica, None,
+                           f"failed on replica {event.failed_replica} ({event.error}); retrying")
+            )
+        elif isinstance(event, SessionMoved):
+            self.rows.append(RoutingRow(event.time, "(session)", event.new_replica, event.session, event.reason))
+        elif isinstance(event, ServiceStopped):
+            self.stopped = True
+
+    def _count_kv(self, event: RequestFinished) -> None:
+        """Count prompt tokens served from cache, from Completions (Policy.generate)."""
+        result = event.result
+        if not isinstance(result, list) or not result or not hasattr(result[0], "num_cached_tokens"):
+            return
+        first = result[0]  # n samples of one prompt share its prompt tokens: count once
+        prompt, cached = len(first.prompt_ids), int(first.num_cached_tokens)
+        card = self.card(event.replica)
+        card.prompt_tokens += prompt
+        card.cached_tokens += cached
+        card.weight_version = getattr(first, "generator_version", card.weight_version)
+        self.kv_by_replica.setdefault(event.replica, KVCounter()).add(prompt, cached)
+        if event.session is not None:
+            self.kv_by_session.setdefault(event.session, KVCounter()).add(prompt, cached)
+        self.kv_total.add(prompt, cached)
+
+    def refresh_from(self, metrics: dict) -> None:
+        """Take latency and session counts from the service's metrics."""
+        for m in metrics["replicas"]:
+            card = self.card(m["index"])
+            card.p50_ms, card.sessions = m["p50_ms"], m["sessions"]
