@@ -161,7 +161,7 @@ class ServiceDashboard(w.VBox):
         rows = list(self.view.rows)[-self.rows_shown:]
         if not rows:
             return "<i>no requests yet</i>"
-        start = self.view.started_at
+        start = self.view.started_at or 0.0
         body = "".join(
             f"<tr><td>+{r.time - start:.2f}s</td><td>{html.escape(r.endpoint)}</td>"
             f"<td>{r.replica}</td><td>{html.escape(r.session or '')}</td>"
@@ -192,7 +192,7 @@ class ServiceDashboard(w.VBox):
 
     def _draw_strip(self, ax) -> None:
         view = self.view
-        start = view.started_at
+        start = view.started_at or 0.0
         sessions = sorted({s for _, _, s in view.points if s})
         palette = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
         colour = {s: palette[i % len(palette)] for i, s in enumerate(sessions)}

@@ -7,7 +7,6 @@ renders this; tests assert on it. Every collection is bounded.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -102,7 +101,7 @@ class ServiceView:
     kv_by_session: dict[str, KVCounter] = field(default_factory=dict)
     kv_total: KVCounter = field(default_factory=KVCounter)
     stopped: bool = False
-    started_at: float = field(default_factory=time.time)
+    started_at: float | None = None  # time of the first event: the strip's zero
     version: int = 0  # bumped on every change: the renderer redraws when it moves
 
     def __post_init__(self) -> None:
@@ -117,6 +116,8 @@ class ServiceView:
 
     def observe(self, event: Event) -> None:
         self.version += 1
+        if self.started_at is None:
+            self.started_at = event.time
         if isinstance(event, RequestRouted):
             card = self.card(event.replica)
             card.in_flight += 1

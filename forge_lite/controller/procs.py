@@ -13,7 +13,9 @@ import asyncio
 import atexit
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -118,13 +120,15 @@ async def spawn_processes(
     is added to every process's environment (e.g. the replica index).
     """
     runtime.configure_client()
+    _ensure_job_dir()
     base = default_bootstrap_cmd()
 
     def command_for(point):
         extra = dict(env or {})
-        if gpus:
-            extra["CUDA_VISIBLE_DEVICES"] = str(gpus[point.rank])
-        return base.with_env(extra) if extra else base
+        # A process that was not given a GPU must not grab one: torch would
+        # otherwise use cuda:0 of every process on a GPU node.
+        extra["CUDA_VISIBLE_DEVICES"] = str(gpus[point.rank]) if gpus else ""
+        return base.with_env(extra)
 
     mesh = this_host().spawn_procs(
         per_host={"procs": count}, name=name, bootstrap_command=command_for
@@ -165,6 +169,19 @@ async def stop_processes(procs: Processes, timeout: float = STOP_TIMEOUT_S) -> N
         release_gpus(procs.gpus)
         if procs in _live:
             _live.remove(procs)
+
+
+# The trainer publishes weights and every Policy replica reads them from one
+# job directory; processes inherit its path from this (the client's) env.
+JOB_DIR_ENV = "FORGE_LITE_WEIGHTS_DIR"
+
+
+def _ensure_job_dir() -> None:
+    if os.environ.get(JOB_DIR_ENV):
+        return
+    job_dir = tempfile.mkdtemp(prefix="forge_lite_job_")
+    os.environ[JOB_DIR_ENV] = job_dir
+    atexit.register(shutil.rmtree, job_dir, ignore_errors=True)
 
 
 def live_processes() -> list[Processes]:
