@@ -9,6 +9,7 @@ the router is asked (see ``sessions.py``). To write your own, subclass
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -156,9 +157,10 @@ ROUTERS = {"round_robin": RoundRobin, "least_loaded": LeastLoaded, "prefix": Pre
 
 
 def make_router(spec: Any) -> Router:
-    """A router from a name in ROUTERS or a Router instance."""
+    """A router from a name in ROUTERS, or a copy of a Router instance (each
+    service keeps its own routing state)."""
     if isinstance(spec, Router):
-        return spec
+        return copy.deepcopy(spec)
     if isinstance(spec, str) and spec in ROUTERS:
         return ROUTERS[spec]()
     raise ValueError(f"unknown router {spec!r}; use one of {sorted(ROUTERS)} or a Router instance")

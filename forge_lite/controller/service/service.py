@@ -174,6 +174,9 @@ class Service:
             self.events.publish(
                 RequestRouted(request.id, endpoint, replica.index, session, self.router.name, reason, request.attempt)
             )
+            # A failure is news about the processes the call went to; by the
+            # time it arrives the replica may already run fresh ones.
+            generation = replica.generation
             started = time.perf_counter()
             try:
                 result = await replica.call(endpoint, args, kwargs)
@@ -182,8 +185,10 @@ class Service:
                 self._finish(request, replica, started, ok=False, error=e.original, healthy=True)
                 raise e.original from None
             except ReplicaFailure as e:
+                # Mark it failed first: finishing frees a slot, and a waiting
+                # request must not be handed the replica that just failed.
+                self.replica_failed(replica, str(e), generation)
                 self._finish(request, replica, started, ok=False, error=e, healthy=False)
-                self.replica_failed(replica, str(e), replica.generation)
                 request.attempt += 1
                 request.failed_replicas.append(replica.index)
                 if request.attempt > self.config.max_retries:
@@ -212,10 +217,19 @@ class Service:
                 None if error is None else type(error).__name__, result,
             )
         )
-        if replica.state == OVERLOADED and replica.has_room:
-            self._set_state(replica, HEALTHY, "back under the request limit")
+        self._room_freed(replica)
+
+    def _room_freed(self, replica: Replica) -> None:
+        """``replica`` has a free slot again: serve waiters, then update its state.
+
+        In that order: a slot a waiting request takes at once does not flip
+        the replica OVERLOADED -> HEALTHY -> OVERLOADED (two events per request
+        under load).
+        """
         if self._waiters:
             self._drain()
+        if replica.state == OVERLOADED and replica.has_room:
+            self._set_state(replica, HEALTHY, "back under the request limit")
 
     # ------------------------------------------------------------ picking a replica
 
@@ -239,12 +253,18 @@ class Service:
                 f"no replica took the request within request_timeout={self.config.request_timeout} s; "
                 + self._no_replica_message()
             ) from None
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Cancelled just after a replica was handed over: give its slot
+                # back, or the replica counts this request in flight forever.
+                replica, _ = waiter.result()
+                replica.in_flight -= 1
+                self._room_freed(replica)
+            raise
         finally:
             if entry in self._waiters:
                 self._waiters.remove(entry)
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                pass  # handed over normally
-            elif not waiter.done():
+            if not waiter.done():
                 waiter.cancel()
 
     def _pick(self, request: Request) -> tuple[Replica, str] | None:
@@ -358,6 +378,9 @@ class Service:
         replica.consecutive_failures += 1
         replica.kill()  # a replica that stopped answering may still be alive
         self.router.forget_replica(replica.index)
+        # Before FAILED is published: waiting requests read it to decide
+        # between waiting for the respawn and failing now.
+        replica.recovering = self.config.auto_respawn
         self._set_state(replica, FAILED, reason)
         if replica.consecutive_failures >= self.config.failure_threshold:
             replica.breaker_open_until = time.monotonic() + self.config.cooldown
@@ -367,17 +390,22 @@ class Service:
                 f"(last: {reason}); next try in {self.config.cooldown:g} s",
             )
         if self.config.auto_respawn:
-            replica.recovering = True
             self._spawn_task(self._recover(replica))
+
+    def _retired(self, replica: Replica) -> bool:
+        """Shut down with the service, or removed by ``scale``: never respawn it."""
+        return self._shut_down or replica.state == STOPPED
 
     async def _recover(self, replica: Replica) -> None:
         """Clean up a failed replica, wait out an open breaker, respawn it."""
         try:
             await replica.stop()  # FAILED stays visible while old processes go
-            while not self._shut_down:
+            while not self._retired(replica):
                 wait = replica.breaker_open_until - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
+                    if self._retired(replica):
+                        return
                     reason = "cooldown over: one respawn decides"
                 else:
                     reason = f"respawning after: {replica.reason}"
@@ -389,13 +417,15 @@ class Service:
                     replica.consecutive_failures += 1
                     self.last_failure = f"replica {replica.index}: respawn failed: {e}"
                     await replica.stop()
+                    if self._retired(replica):
+                        return
                     replica.breaker_open_until = time.monotonic() + self.config.cooldown
                     self._set_state(
                         replica, FAILED,
                         f"respawn failed ({type(e).__name__}: {e}); next try in {self.config.cooldown:g} s",
                     )
                     continue
-                if self._shut_down:
+                if self._retired(replica):
                     await replica.stop()
                     return
                 self._set_state(replica, HEALTHY, f"respawned in {replica.last_spawn_s:.1f} s")
@@ -407,11 +437,11 @@ class Service:
         probe_timeout = max(5.0, 5 * self.config.health_poll_rate)
         while not self._shut_down:
             await asyncio.sleep(self.config.health_poll_rate)
-            live = [r for r in self.replicas if r.accepting]
-            results = await asyncio.gather(*(r.probe(probe_timeout) for r in live), return_exceptions=True)
-            for replica, result in zip(live, results):
+            live = [(r, r.generation) for r in self.replicas if r.accepting]
+            results = await asyncio.gather(*(r.probe(probe_timeout) for r, _ in live), return_exceptions=True)
+            for (replica, generation), result in zip(live, results):
                 if isinstance(result, ReplicaFailure):
-                    self.replica_failed(replica, f"health probe: {result}", replica.generation)
+                    self.replica_failed(replica, f"health probe: {result}", generation)
 
     # ------------------------------------------------------------ fanout
 
@@ -434,6 +464,7 @@ class Service:
         request = Request(endpoint, args, kwargs, None, id=next(self._request_ids))
         self._take(replica, "fanout")
         self.events.publish(RequestRouted(request.id, endpoint, replica.index, None, "fanout", f"fanout → {replica.index}"))
+        generation = replica.generation
         started = time.perf_counter()
         try:
             result = await replica.call(endpoint, args, kwargs)
@@ -441,8 +472,8 @@ class Service:
             self._finish(request, replica, started, ok=False, error=e.original, healthy=True)
             raise e.original from None
         except ReplicaFailure as e:
+            self.replica_failed(replica, str(e), generation)  # before the slot is freed
             self._finish(request, replica, started, ok=False, error=e, healthy=False)
-            self.replica_failed(replica, str(e), replica.generation)
             raise
         except BaseException as e:
             self._finish(request, replica, started, ok=False, error=e, healthy=True)
@@ -462,10 +493,19 @@ class Service:
 
     # ------------------------------------------------------------ teaching controls
 
-    async def kill_replica(self, index: int) -> None:
-        """SIGKILL replica ``index``'s processes; the service notices on its own."""
+    async def kill_replica(self, index: int, timeout: float = 30.0) -> None:
+        """SIGKILL replica ``index``'s processes and wait until the service notices.
+
+        Nothing tells the service about the kill: it finds out the way it
+        would for a real crash (Monarch's supervision, or a failed call),
+        which takes about half a second here.
+        """
         self._check_open()
-        self._replica(index).kill()
+        replica = self._replica(index)
+        generation = replica.generation
+        replica.kill()
+        if replica.generation == generation and replica.accepting:
+            await self.wait_for_state(index, "FAILED", timeout)
 
     async def slow_replica(self, index: int, seconds: float) -> None:
         """Hold every request sent to replica ``index`` for ``seconds`` more (0 ends it).

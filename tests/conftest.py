@@ -1,0 +1,60 @@
+"""Shared test helpers: child processes can import the test modules, and a
+way to check that no process outlives its actor or service."""
+
+import asyncio
+import os
+import time
+
+import psutil
+
+import forge_lite  # noqa: F401  (before monarch: sets Monarch's env)
+
+# Actor classes defined in a test module are sent to their processes by
+# reference ("test_service.Worker"), and a child process only finds that
+# module if this directory is on its path. pytest puts it on sys.path of this
+# process only; children inherit the environment, so export it there.
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if _TESTS_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (_TESTS_DIR, os.environ.get("PYTHONPATH")) if p
+    )
+
+
+def count_children() -> int:
+    """Live child processes of this process (zombies don't count)."""
+    alive = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive += 1
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+async def wait_for_children(expected: int, timeout: float = 30.0) -> int:
+    """Wait until at most ``expected`` children are alive; return the count.
+
+    A stopped or killed process takes a moment to exit, so poll rather than
+    count once. Callers assert ``<= expected``: a process of an earlier test
+    may still have been exiting when they counted.
+    """
+    deadline = time.monotonic() + timeout
+    while (count := count_children()) > expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return count
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def wait_for_exit(pids: list[int], timeout: float = 30.0) -> list[int]:
+    """Wait for these processes to exit; return those still alive."""
+    deadline = time.monotonic() + timeout
+    while (alive := [p for p in pids if pid_alive(p)]) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return alive
