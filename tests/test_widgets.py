@@ -87,3 +87,28 @@ async def test_kill_button_kills_the_chosen_replica():
         assert svc.service.router.name == "least_loaded"
     finally:
         await svc.shutdown()
+
+
+async def test_training_dashboard_follows_the_recorder():
+    from forge_lite.grpo.recorder import MetricsRecorder
+    from widgets import TrainingDashboard
+
+    recorder = MetricsRecorder()
+    dash = TrainingDashboard(recorder, redraw_interval=0.05)
+    assert "waiting for the first step" in dash._header.value
+    for step in range(3):
+        recorder.record_step(
+            step=step, reward_mean=0.2 * step, accuracy=0.1 * step, loss=1.0 / (step + 1), kl=0.01 * step,
+            trainer_version=step + 1, episode_ages=(0, 1), buffer_size=4 - step, tokens_per_s=100.0,
+            step_time_s=1.0, time_split_s={"generate": 0.6, "train": 0.3, "sync": 0.1},
+        )
+        recorder.record_versions(step=step, trainer_version=step + 1, replica_versions=(step + 1, step))
+    await asyncio.sleep(0.2)
+    assert dash.redraws == 1  # six records in one tick: one redraw
+    assert "step 2: reward 0.400" in dash._header.value
+    assert recorder.series("reward_mean") == [0.0, 0.2, 0.4]
+    fig = dash.snapshot()
+    reward_line = fig.axes[0].get_lines()[0]
+    assert list(reward_line.get_ydata()) == [0.0, 0.2, 0.4]
+    assert len(dash._plot.value) > 1000  # a PNG was drawn
+    assert repr(dash) == "TrainingDashboard(GRPO run)"
