@@ -1,0 +1,128 @@
+"""What every inference engine gives the Policy: Completions, a sampling config, one interface.
+
+The Policy actor does not care whether tokens come from vLLM or from a plain
+PyTorch loop; it talks to an `Engine`. Both engines return the same
+`Completion`, so the rest of the GRPO loop (rewards, reference model, trainer)
+never learns which one ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Completion:
+    """One sampled response to one prompt.
+
+    `token_ids` and `logprobs` line up one to one: `logprobs[i]` is the log
+    probability of `token_ids[i]` under the model's raw distribution
+    (log-softmax of the logits at temperature 1, before top-p), which is what
+    the trainer and the reference model compute for the same tokens.
+
+    `stop_reason` uses vLLM's finish reasons: "stop" (an end-of-sequence token
+    or a stop string) or "length" (`max_tokens` or the context ran out).
+    """
+
+    text: str
+    prompt: str
+    prompt_ids: torch.Tensor  # 1-D torch.long
+    token_ids: torch.Tensor  # 1-D torch.long, the generated tokens only
+    logprobs: torch.Tensor  # 1-D float, one per generated token
+    stop_reason: str | None
+    generator_version: int  # the weight version that produced these tokens
+    num_cached_tokens: int  # prompt tokens served from the prefix KV cache
+    replica: int | None = None  # set by the Policy: which replica answered
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample. The log probability of each sampled token is always
+    returned (RL needs it), so there is no switch for it."""
+
+    n: int = 1  # samples per prompt (GRPO's group size)
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0.0 means greedy
+    top_p: float = 1.0
+    stop: list[str] | None = None  # generation ends when one of these appears
+    seed: int | None = None  # makes this request reproducible; None: the engine's generator
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"sampling n must be >= 1, got {self.n}")
+        if self.max_tokens < 1:
+            raise ValueError(f"sampling max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"sampling temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sampling top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any] | None) -> SamplingConfig:
+        """Build from a config dict such as the tutorial's `sampling_config`."""
+        config = dict(config or {})
+        _check_keys(config)
+        return cls(**config)
+
+    def with_overrides(self, **overrides: Any) -> SamplingConfig:
+        """A copy with some fields changed, e.g. `generate(prompt, max_tokens=64)`."""
+        _check_keys(overrides)
+        return dataclasses.replace(self, **overrides)
+
+
+def _check_keys(config: dict[str, Any]) -> None:
+    known = [field.name for field in dataclasses.fields(SamplingConfig)]
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise ValueError(f"unknown sampling option(s) {unknown}; known options: {known}")
+
+
+class Engine(ABC):
+    """The interface the Policy needs from an inference engine."""
+
+    #: Version of the weights being served; stamped on every Completion.
+    weight_version: int = 0
+
+    @abstractmethod
+    def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Completion]]:
+        """Sample `sampling.n` completions for each prompt, all prompts as one batch.
+
+        Returns one list per prompt, in prompt order."""
+
+    @abstractmethod
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Replace the model's weights in place (HF parameter names) and drop the
+        prefix cache: KV computed by the old weights is wrong for the new ones."""
+
+    @abstractmethod
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix, so the next prompt is computed from scratch."""
+
+    @property
+    @abstractmethod
+    def max_model_len(self) -> int:
+        """Most tokens (prompt + generated) one sequence may hold."""
+
+    @property
+    @abstractmethod
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer the engine encodes prompts with."""
+
+
+def check_prompt_fits(prompt_ids: list[int], max_model_len: int) -> None:
+    """A prompt must have a token and leave room for at least one generated token."""
+    if not prompt_ids:
+        raise ValueError("prompt is empty (0 tokens); the model needs at least one token to continue from")
+    if len(prompt_ids) >= max_model_len:
+        raise ValueError(
+            f"prompt is {len(prompt_ids)} tokens but the model's context (max_model_len) "
+            f"is {max_model_len} tokens, which must also hold at least one generated token; "
+            "shorten the prompt or raise max_model_len in engine_config"
+        )

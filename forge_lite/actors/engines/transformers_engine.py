@@ -1,0 +1,370 @@
+"""A plain PyTorch generation engine with a prefix KV cache: what vLLM does, small enough to read.
+
+Generating a token needs the keys and values (the "KV") of every token before
+it. A multi-turn conversation sends the same beginning again and again, so an
+engine that remembers the KV of the sequences it recently served can skip
+recomputing the shared beginning: that is a prefix cache. vLLM does it with
+fixed-size blocks of 128 (CPU) or 16 (GPU) tokens in one paged memory pool;
+this engine does it with whole sequences:
+
+1. `PrefixKVCache` keeps the KV of recently finished sequences, keyed by their
+   token ids, evicting the least recently used when it holds too many tokens.
+2. For a new prompt, the longest cached token prefix is reused and only the
+   remaining tokens go through the model ("prefill"). The number reused is
+   `Completion.num_cached_tokens`.
+3. All samples of all prompts then decode together, one token per step, as one
+   left-padded batch; a sequence that finishes leaves the batch and its KV goes
+   into the cache for the next turn.
+
+Prefill runs per prompt because each prompt reuses a different amount of
+cache; decoding, where the time goes, is batched.
+
+Log probabilities: `Completion.logprobs` holds the log-softmax of the raw
+logits (temperature 1, no top-p) at each sampled token, the same quantity the
+trainer and the reference model compute, and what vLLM reports by default
+(`logprobs_mode="raw_logprobs"`). Temperature and top-p only shape the
+distribution that tokens are drawn from.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from forge_lite.actors.engines.base import Completion, Engine, SamplingConfig, check_prompt_fits
+
+
+@dataclass
+class CachedSequence:
+    """The KV of one served sequence: per layer, keys and values of shape
+    [1, kv_heads, len(token_ids), head_dim]."""
+
+    token_ids: torch.Tensor  # 1-D long, on the CPU for cheap prefix comparison
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+class PrefixKVCache:
+    """Recently served sequences and their KV, least recently used evicted first.
+
+    Bounded by the total number of tokens held, because memory grows with
+    tokens (for Qwen3-1.7B in bf16, about 114 KB per token), not with entries.
+    """
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+        self._entries: OrderedDict[tuple[int, ...], CachedSequence] = OrderedDict()
+        self._num_tokens = 0
+
+    def longest_prefix(self, token_ids: torch.Tensor) -> tuple[int, CachedSequence | None]:
+        """How many leading tokens of `token_ids` some cached sequence shares, and which."""
+        best_length, best = 0, None
+        for entry in self._entries.values():
+            length = _common_prefix_length(entry.token_ids, token_ids)
+            if length > best_length:
+                best_length, best = length, entry
+        if best is not None:
+            self._entries.move_to_end(tuple(best.token_ids.tolist()))
+        return best_length, best
+
+    def store(self, entry: CachedSequence) -> None:
+        if len(entry) > self.max_tokens:
+            return
+        key = tuple(entry.token_ids.tolist())
+        # A cached sequence that the new one extends is redundant: the new one
+        # serves every prompt the old one could.
+        for old_key in [k for k in self._entries if k == key[: len(k)]]:
+            self._num_tokens -= len(self._entries.pop(old_key))
+        self._entries[key] = entry
+        self._num_tokens += len(entry)
+        while self._num_tokens > self.max_tokens:
+            _, evicted = self._entries.popitem(last=False)
+            self._num_tokens -= len(evicted)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._num_tokens = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self._num_tokens
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
+    length = min(len(a), len(b))
+    mismatches = (a[:length] != b[:length]).nonzero()
+    return int(mismatches[0]) if len(mismatches) else length
+
+
+@dataclass
+class _Sample:
+    """One sequence being decoded: a prompt's i-th sample."""
+
+    prompt_index: int
+    prompt_ids: torch.Tensor
+    num_cached_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    stop_reason: str | None = None
+
+
+class TransformersEngine(Engine):
+    """Generation with a Hugging Face causal LM, batched, with a prefix KV cache."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        seed: int,
+        device: str | None = None,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        prefix_cache_max_tokens: int = 32768,
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype == "auto":
+            # float32 on CPU: bf16 matmuls are slow on most CPUs and gain nothing here.
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype; use 'auto', 'float32', 'bfloat16' or 'float16'")
+        self._tokenizer = AutoTokenizer.from_pretrained(model)
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
+        self.model.to(self.device).eval()
+
+        context = self.model.config.max_position_embeddings
+        if max_model_len is not None and max_model_len > context:
+            raise ValueError(
+                f"max_model_len={max_model_len} is more than the model's context "
+                f"(max_position_embeddings={context}) for {model}"
+            )
+        self._max_model_len = max_model_len or context
+        self.eos_token_ids = _eos_token_ids(self.model, self._tokenizer)
+        # One generator per engine, seeded per replica, so replicas sample differently.
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.prefix_cache = PrefixKVCache(prefix_cache_max_tokens)
+        self.weight_version = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    def reset_prefix_cache(self) -> None:
+        self.prefix_cache.clear()
+
+    @torch.no_grad()
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        # Check the names before copying anything, so a mismatch leaves the
+        # engine as it was. A tied lm_head may be left out: it is the embedding.
+        expected = set(self.model.state_dict())
+        tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+        unknown = sorted(set(state_dict) - expected)
+        missing = sorted(expected - set(state_dict) - tied)
+        if unknown or missing:
+            raise ValueError(
+                f"state dict does not match the model: unknown keys {unknown[:5]}, missing keys {missing[:5]} "
+                "(keys must be HF parameter names, as model.state_dict() gives them)"
+            )
+        self.model.load_state_dict(state_dict, strict=False)
+        self.weight_version = version
+        self.reset_prefix_cache()
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Completion]]:
+        prompt_ids = [self._encode(prompt) for prompt in prompts]
+        generator = self.generator
+        if sampling.seed is not None:
+            generator = torch.Generator(self.device).manual_seed(sampling.seed)
+
+        samples: list[_Sample] = []
+        kv_per_sample: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        first_logits = []
+        for index, ids in enumerate(prompt_ids):
+            keys, values, logits, num_cached = self._prefill(ids)
+            for _ in range(sampling.n):
+                samples.append(_Sample(index, ids, num_cached))
+                kv_per_sample.append((keys, values))
+                first_logits.append(logits)
+
+        self._decode(samples, kv_per_sample, torch.stack(first_logits), sampling, generator)
+
+        completions: list[list[Completion]] = [[] for _ in prompts]
+        for sample in samples:
+            completions[sample.prompt_index].append(
+                Completion(
+                    text=sample.text,
+                    prompt=prompts[sample.prompt_index],
+                    prompt_ids=sample.prompt_ids.clone(),
+                    token_ids=torch.tensor(sample.token_ids, dtype=torch.long),
+                    logprobs=torch.tensor(sample.logprobs, dtype=torch.float32),
+                    stop_reason=sample.stop_reason,
+                    generator_version=self.weight_version,
+                    num_cached_tokens=sample.num_cached_tokens,
+                )
+            )
+        return completions
+
+    def _encode(self, prompt: str) -> torch.Tensor:
+        ids = self._tokenizer(prompt)["input_ids"]
+        check_prompt_fits(ids, self._max_model_len)
+        return torch.tensor(ids, dtype=torch.long)
+
+    def _prefill(self, prompt_ids: torch.Tensor):
+        """Run the prompt through the model, reusing the longest cached prefix.
+
+        Returns per-layer keys and values for the whole prompt, the logits that
+        predict the first generated token, and how many tokens came from the cache.
+        """
+        from transformers import DynamicCache
+
+        cached_length, entry = self.prefix_cache.longest_prefix(prompt_ids)
+        # The last prompt token always runs: its logits pick the first new token.
+        num_cached = min(cached_length, len(prompt_ids) - 1)
+        if num_cached > 0:
+            # Slicing makes views; DynamicCache.update concatenates into new
+            # tensors, so the cached entry itself is never modified.
+            reused = [(k[:, :, :num_cached], v[:, :, :num_cached]) for k, v in zip(entry.keys, entry.values)]
+            past = DynamicCache(reused)
+        else:
+            past = DynamicCache()
+        new_tokens = prompt_ids[num_cached:].to(self.device)
+        output = self.model(
+            input_ids=new_tokens[None],
+            position_ids=torch.arange(num_cached, len(prompt_ids), device=self.device)[None],
+            past_key_values=past,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        keys = [layer.keys for layer in past.layers]
+        values = [layer.values for layer in past.layers]
+        return keys, values, output.logits[0, -1].float(), num_cached
+
+    def _decode(self, samples, kv_per_sample, logits, sampling: SamplingConfig, generator) -> None:
+        """Sample all sequences one token per step until each one stops."""
+        from transformers import DynamicCache
+
+        # Left-pad every sequence's KV to the longest prompt, so new tokens are
+        # appended at the same column for all rows; the attention mask hides the
+        # padding and position ids keep each row's own token positions.
+        lengths = [len(sample.prompt_ids) for sample in samples]
+        width = max(lengths)
+        padding = torch.tensor([width - length for length in lengths], device=self.device)
+        num_layers = len(kv_per_sample[0][0])
+        layers = []
+        for layer in range(num_layers):
+            keys = [kv[0][layer] for kv in kv_per_sample]
+            values = [kv[1][layer] for kv in kv_per_sample]
+            layers.append((_left_pad(keys, width), _left_pad(values, width)))
+        past = DynamicCache(layers)
+        attention_mask = (torch.arange(width, device=self.device)[None] >= padding[:, None]).long()
+        positions = torch.tensor(lengths, device=self.device)
+        active = list(range(len(samples)))  # samples[active[row]] is decoded in batch row `row`
+
+        while True:
+            tokens, logprobs = sample_tokens(logits, sampling.temperature, sampling.top_p, generator)
+            finished_rows = []
+            for row, index in enumerate(active):
+                sample = samples[index]
+                sample.token_ids.append(int(tokens[row]))
+                sample.logprobs.append(float(logprobs[row]))
+                if self._finish(sample, sampling):
+                    finished_rows.append(row)
+                    self._remember(sample, past, row, int(padding[row]))
+            if finished_rows:
+                keep = [row for row in range(len(active)) if row not in finished_rows]
+                if not keep:
+                    return
+                keep_index = torch.tensor(keep, device=self.device)
+                past.batch_select_indices(keep_index)
+                active = [active[row] for row in keep]
+                tokens, padding = tokens[keep_index], padding[keep_index]
+                attention_mask, positions = attention_mask[keep_index], positions[keep_index]
+
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=1)
+            output = self.model(
+                input_ids=tokens[:, None],
+                attention_mask=attention_mask,
+                position_ids=positions[:, None],
+                past_key_values=past,
+                use_cache=True,
+            )
+            logits = output.logits[:, -1].float()
+            positions = positions + 1
+
+    def _remember(self, sample: _Sample, past, row: int, padding: int) -> None:
+        """Put a finished sequence's KV into the prefix cache, for its next turn."""
+        # The last sampled token has no KV: it was never fed to the model.
+        generated = torch.tensor(sample.token_ids[:-1], dtype=torch.long)
+        # clone(): a slice would keep the whole batch's tensor alive.
+        self.prefix_cache.store(
+            CachedSequence(
+                token_ids=torch.cat([sample.prompt_ids, generated]),
+                keys=[layer.keys[row : row + 1, :, padding:].clone() for layer in past.layers],
+                values=[layer.values[row : row + 1, :, padding:].clone() for layer in past.layers],
+            )
+        )
+
+    def _finish(self, sample: _Sample, sampling: SamplingConfig) -> bool:
+        """Update the sample's text and decide whether it is done (sets stop_reason)."""
+        sample.text = self._tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+        if sample.token_ids[-1] in self.eos_token_ids:
+            sample.stop_reason = "stop"
+        elif sampling.stop and (found := [sample.text.find(s) for s in sampling.stop if s in sample.text]):
+            # Like vLLM: the text ends before the stop string, the tokens keep it.
+            sample.text = sample.text[: min(found)]
+            sample.stop_reason = "stop"
+        elif len(sample.token_ids) >= sampling.max_tokens:
+            sample.stop_reason = "length"
+        elif len(sample.prompt_ids) + len(sample.token_ids) >= self._max_model_len:
+            sample.stop_reason = "length"
+        return sample.stop_reason is not None
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row; return the tokens and their raw (temperature 1) logprobs."""
+    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    if temperature == 0:
+        tokens = logits.argmax(dim=-1)
+    else:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            # Keep the smallest set of most likely tokens whose mass reaches top_p.
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            sorted_probs[mass_before >= top_p] = 0.0
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _left_pad(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Stack [1, heads, len, dim] tensors into [batch, heads, width, dim], padded on the left."""
+    first = tensors[0]
+    out = first.new_zeros(len(tensors), first.shape[1], width, first.shape[3])
+    for row, tensor in enumerate(tensors):
+        out[row, :, width - tensor.shape[2] :] = tensor[0]
+    return out
+
+
+def _eos_token_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,114 @@
+"""The weight store: how the trainer hands new weights to the Policy replicas.
+
+The trainer `put`s a state dict under a policy version; each Policy replica
+`get`s that version when told to update. They run in different processes, so
+the store is a job directory on disk with one safetensors file per version.
+(TorchForge uses torchstore for this, over RDMA where there is any; torchstore
+pins an older torch and Monarch, so the kit keeps to files.)
+
+A file appears under its final name only when it is complete: it is written
+to a hidden temporary name in the same directory and renamed, and a rename is
+atomic, so a reader sees the whole version or nothing.
+
+Measured on this project's 2-core CPU machine (float32 tensors, page cache warm,
+get timed until every tensor was read once):
+    state dict   put      get
+    5 MB         0.005 s  0.01 s
+    500 MB       1.3 s    0.05 s
+`put` is bounded by writing the file; `get` maps the file, so reading it back
+from the page cache is cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+#: Child processes (Policy replicas, the trainer) find the job directory here.
+WEIGHTS_DIR_ENV = "FORGE_LITE_WEIGHTS_DIR"
+
+_VERSION_FILE = re.compile(r"v(\d+)\.safetensors")
+
+
+class WeightStore:
+    """Versioned state dicts (HF parameter names -> tensors) in a job directory.
+
+    `root` defaults to $FORGE_LITE_WEIGHTS_DIR, or a fresh temporary directory
+    that is then exported in that variable, so processes spawned afterwards
+    share it. `keep_last=k` drops all but the newest k versions after each put.
+    """
+
+    def __init__(self, root: str | None = None, keep_last: int | None = None):
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 (or None to keep every version), got {keep_last}")
+        if root is None:
+            root = os.environ.get(WEIGHTS_DIR_ENV) or tempfile.mkdtemp(prefix="forge_lite_weights_")
+            os.environ[WEIGHTS_DIR_ENV] = root
+        os.makedirs(root, exist_ok=True)
+        self.root = root
+        self.keep_last = keep_last
+
+    def path(self, version: int) -> str:
+        return os.path.join(self.root, f"v{version}.safetensors")
+
+    def put(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
+        """Publish `state_dict` as `version` (replacing it if it exists)."""
+        if not isinstance(version, int) or version < 0:
+            raise ValueError(f"weight version must be an int >= 0, got {version!r}")
+        tensors = _to_saveable(state_dict)
+        fd, tmp_path = tempfile.mkstemp(prefix=f".v{version}.", suffix=".tmp", dir=self.root)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp_path)
+            os.replace(tmp_path, self.path(version))
+        except BaseException:
+            os.remove(tmp_path)
+            raise
+        if self.keep_last is not None:
+            for old in self.versions()[: -self.keep_last]:
+                self.drop(old)
+
+    def get(self, version: int) -> dict[str, torch.Tensor]:
+        """The state dict published as `version`, on the CPU."""
+        try:
+            return load_file(self.path(version))
+        except FileNotFoundError:
+            raise KeyError(
+                f"weight version {version} is not in the store at {self.root}; available: {self.versions()}"
+            ) from None
+
+    def versions(self) -> list[int]:
+        """Published versions, oldest first."""
+        matches = (_VERSION_FILE.fullmatch(name) for name in os.listdir(self.root))
+        return sorted(int(match.group(1)) for match in matches if match)
+
+    def latest(self) -> int | None:
+        versions = self.versions()
+        return versions[-1] if versions else None
+
+    def drop(self, version: int) -> None:
+        """Delete a version. Dropping one that is gone is fine: several processes may clean up."""
+        try:
+            os.remove(self.path(version))
+        except FileNotFoundError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"WeightStore(root={self.root!r}, versions={self.versions()})"
+
+
+def _to_saveable(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, and no two entries sharing memory (safetensors refuses
+    shared tensors, and tied embeddings are exactly that)."""
+    tensors, seen = {}, set()
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+    return tensors

@@ -1,0 +1,67 @@
+"""Group-relative advantages: the "GR" in GRPO.
+
+GRPO has no value network. It samples several responses to one prompt and
+asks, for each: was this better or worse than the group's average? The
+advantage is the reward standardised within the group,
+
+    A_i = (r_i - mean(r)) / (std(r) + 1e-4)
+
+The std is the sample standard deviation (Bessel's correction, divide by
+n - 1), torch's default and what TorchForge and TRL compute, so the numbers
+match theirs. For a group of two with rewards 1 and 0 that gives +-0.707
+(the population std would give +-1.0). The 1e-4 keeps a group with nearly
+equal rewards finite. With equal rewards every advantage is 0 and the group
+teaches nothing, which is right: no response was better than another.
+
+A group of one has no spread at all: the sample std of one value is
+undefined (torch gives NaN), so its advantage is 0.0, with a warning that
+GRPO needs groups of two or more.
+"""
+
+import warnings
+from typing import Sequence
+
+import torch
+
+from forge_lite.controller import ForgeActor
+from monarch.actor import endpoint
+
+# Added to the std so that a group of equal rewards divides 0 by a small
+# number instead of by zero.
+STD_EPSILON = 1e-4
+
+
+def group_advantages(rewards: Sequence[float]) -> list[float]:
+    """``(r - mean) / (sample std + 1e-4)`` for each reward of one group."""
+    if len(rewards) == 0:
+        raise ValueError("a group needs at least one reward, got none")
+    if len(rewards) == 1:
+        warnings.warn(
+            "GRPO needs groups of 2 or more responses per prompt: the advantage of a "
+            "single response is undefined, so it gets 0.0 and teaches nothing. "
+            "Use Group.new_group(..., group_size=2 or more).",
+            stacklevel=2,
+        )
+        return [0.0]
+    if min(rewards) == max(rewards):
+        # Exactly zero: the formula would give about 1e-12, float rounding in
+        # the mean divided by the 1e-4.
+        return [0.0] * len(rewards)
+    values = torch.tensor(rewards, dtype=torch.float64)
+    advantages = (values - values.mean()) / (values.std() + STD_EPSILON)
+    return advantages.tolist()
+
+
+class ComputeAdvantages(ForgeActor):
+    """An actor that turns a scored Group into one advantage per episode."""
+
+    @endpoint
+    def compute(self, group) -> list[float]:
+        """The advantages of ``group.episodes``, in order; every reward must be set."""
+        missing = [e.episode_id for e in group.episodes if e.reward is None]
+        if missing:
+            raise ValueError(
+                f"episodes {missing} have no reward; set episode.reward before computing "
+                "advantages"
+            )
+        return group_advantages([e.reward for e in group.episodes])

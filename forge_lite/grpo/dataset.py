@@ -1,0 +1,114 @@
+"""DatasetActor: serves math problems as prompts the policy can answer and targets the reward can check.
+
+A gsm8k row is ``{"question": ..., "answer": "<worked solution>\\n#### 72"}``.
+The policy needs the question in the model's chat format, and the math
+reward needs the bare number: the whole worked solution as a target would
+score 0 every time (the tutorial's production loop makes that mistake). So
+each sample carries both forms:
+
+    {"request": <chat-formatted prompt>, "target": "72",
+     "question": <raw question>, "answer": <raw answer>}
+
+With no ``path`` the actor serves the math set the kit ships (offline, same
+layout as gsm8k); ``path="openai/gsm8k"`` loads the real one from the hub.
+When the data runs out, a new epoch starts in a new shuffled order.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from forge_lite.actors.hf_model import load_tokenizer
+from forge_lite.assets import MATH_DATA_DIR
+from forge_lite.controller import ForgeActor
+from forge_lite.data.prompts import extract_target, format_request
+from monarch.actor import endpoint
+
+
+def load_math_dataset(
+    path: str | None = None,
+    revision: str | None = None,
+    data_split: str = "train",
+    streaming: bool = False,
+):
+    """A gsm8k-layout dataset: the shipped set when ``path`` is None, else a hub set.
+
+    ``revision`` is passed as the dataset's configuration name, as
+    TorchForge's GRPO app does: gsm8k's configurations are ``"main"`` and
+    ``"socratic"``, and the hub refuses gsm8k without one.
+    """
+    # Imported here: `datasets` is slow to import, and the processes of the
+    # other GRPO actors import this package without needing it.
+    from datasets import load_dataset
+
+    if path is None:
+        data_files = {
+            split: os.path.join(MATH_DATA_DIR, f"{split}.jsonl") for split in ("train", "test")
+        }
+        if data_split not in data_files:
+            raise ValueError(
+                f"the shipped math set has splits {sorted(data_files)}, not {data_split!r}"
+            )
+        return load_dataset("json", data_files=data_files, split=data_split, streaming=streaming)
+    try:
+        return load_dataset(path, revision, split=data_split, streaming=streaming)
+    except OSError as err:  # ConnectionError offline, FileNotFoundError for a wrong name
+        raise OSError(
+            f"could not load dataset {path!r} (config {revision!r}, split {data_split!r}): "
+            f"{err}. Without access to the Hugging Face hub, use DatasetActor() with no "
+            "path: it serves the math set the kit ships, in the same layout as gsm8k."
+        ) from err
+
+
+class DatasetActor(ForgeActor):
+    """Serves one formatted math problem per ``sample()`` call, epoch after epoch."""
+
+    def __init__(
+        self,
+        path: str | None = None,
+        revision: str | None = None,
+        data_split: str = "train",
+        streaming: bool = False,
+        model: str | dict | None = None,
+    ):
+        self.path = path
+        self.revision = revision
+        self.data_split = data_split
+        self.streaming = streaming
+        self.model = model
+
+    @endpoint
+    async def setup(self) -> None:
+        self.tokenizer = load_tokenizer(self.model)
+        self.dataset = load_math_dataset(
+            self.path, self.revision, self.data_split, self.streaming
+        )
+        self.epoch = 0
+        self._rows = iter(self.dataset)
+
+    @endpoint
+    def sample(self) -> dict[str, Any]:
+        """The next problem: ``request``, ``target``, and the raw ``question`` and ``answer``."""
+        row = next(self._rows, None)
+        if row is None:
+            # A new epoch, in an order of its own; the epoch number seeds it so
+            # that runs repeat.
+            self.epoch += 1
+            self._rows = iter(self.dataset.shuffle(seed=self.epoch))
+            row = next(self._rows, None)
+            if row is None:
+                raise ValueError(f"the dataset {self.path or MATH_DATA_DIR!r} has no rows")
+        return {
+            "request": format_request(self.tokenizer, row["question"]),
+            "target": extract_target(row["answer"]),
+            "question": row["question"],
+            "answer": row["answer"],
+        }
+
+    @endpoint
+    def pad_token(self) -> int:
+        """The id to pad with: the tokenizer's pad token, or EOS when it has none."""
+        if self.tokenizer.pad_token_id is not None:
+            return self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id

@@ -1,0 +1,208 @@
+"""Episode and Group: one prompt's rollout, and the rollouts GRPO compares.
+
+An Episode carries everything the trainer needs about one response: the
+tokens of the request and the response, the reference model's logprobs, the
+reward and, once the group is scored, the advantage. Its tensors have fixed
+lengths so that episodes stack into a batch: the request is padded on the
+left (so every request ends at the same column, where the response starts)
+and the response on the right.
+
+GRPO samples several responses to the same prompt and scores each against
+the group's mean reward; a Group is those episodes, made together.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+
+@dataclass
+class Episode:
+    """One request, one response, and what the trainer needs to learn from it.
+
+    Created with the request and the padding geometry; the rollout fills in
+    ``response``, ``request_tokens``, ``response_tokens``, ``ref_logprobs``,
+    ``reward`` and ``advantage`` as they become known.
+    """
+
+    episode_id: str
+    request: str
+    policy_version: int
+    pad_id: int
+    request_len: int
+    response_len: int
+    target: Any = None
+    response: str | None = None
+    request_tokens: Sequence[int] | torch.Tensor | None = None
+    response_tokens: Sequence[int] | torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    reward: float | None = None
+    advantage: float | None = None
+
+    @property
+    def request_tensor(self) -> torch.Tensor:
+        """The request tokens left-padded to ``request_len``: shape ``[request_len]``."""
+        tokens = self._tokens("request_tokens", self.request_len)
+        padding = torch.full((self.request_len - len(tokens),), self.pad_id, dtype=torch.long)
+        return torch.cat([padding, tokens])
+
+    @property
+    def response_tensor(self) -> torch.Tensor:
+        """The response tokens right-padded to ``response_len``: shape ``[response_len]``."""
+        tokens = self._tokens("response_tokens", self.response_len)
+        padding = torch.full((self.response_len - len(tokens),), self.pad_id, dtype=torch.long)
+        return torch.cat([tokens, padding])
+
+    @property
+    def request_mask(self) -> torch.Tensor:
+        """True where ``request_tensor`` holds a real token, False on the left padding."""
+        real = len(self._tokens("request_tokens", self.request_len))
+        return torch.arange(self.request_len) >= self.request_len - real
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """True where ``response_tensor`` holds a real token, False on the right padding.
+
+        Built from the length, not from ``response_tensor != pad_id``: models
+        without a pad token pad with EOS, and the EOS a response ends with is
+        a real token the policy chose and must be trained on.
+        """
+        real = len(self._tokens("response_tokens", self.response_len))
+        return torch.arange(self.response_len) < real
+
+    @property
+    def padded_ref_logprobs(self) -> torch.Tensor:
+        """``ref_logprobs`` right-padded with zeros to ``response_len`` (float32)."""
+        if self.ref_logprobs is None:
+            raise ValueError(f"episode {self.episode_id!r} has no ref_logprobs; set them first")
+        logprobs = torch.as_tensor(self.ref_logprobs, dtype=torch.float32).flatten()
+        if len(logprobs) > self.response_len:
+            raise ValueError(
+                f"episode {self.episode_id!r}: {len(logprobs)} ref_logprobs but "
+                f"response_len={self.response_len}; pass the logprobs of the response "
+                "tokens only (ReferenceModel.forward with max_req_tokens=<request length>)"
+            )
+        return torch.cat([logprobs, logprobs.new_zeros(self.response_len - len(logprobs))])
+
+    def _tokens(self, name: str, max_len: int) -> torch.Tensor:
+        tokens = getattr(self, name)
+        if tokens is None:
+            raise ValueError(f"episode {self.episode_id!r} has no {name}; set them first")
+        tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
+        if len(tokens) > max_len:
+            length_name = name.replace("_tokens", "_len")
+            raise ValueError(
+                f"episode {self.episode_id!r}: {len(tokens)} {name} do not fit "
+                f"{length_name}={max_len}; raise {length_name} or shorten the "
+                + ("prompt" if name == "request_tokens" else "generation (max_tokens)")
+            )
+        return tokens
+
+
+@dataclass
+class Group:
+    """The episodes sampled for one prompt; GRPO normalises rewards within it."""
+
+    group_id: str
+    episodes: list[Episode] = field(default_factory=list)
+
+    @classmethod
+    def new_group(
+        cls,
+        group_id: int | str,
+        group_size: int,
+        request: str,
+        policy_version: int,
+        pad_id: int,
+        request_len: int,
+        response_len: int,
+        target: Any = None,
+    ) -> Group:
+        """``group_size`` empty episodes for ``request``, ids ``"<group_id>_<i>"``."""
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        episodes = [
+            Episode(
+                episode_id=f"{group_id}_{i}",
+                request=request,
+                policy_version=policy_version,
+                pad_id=pad_id,
+                request_len=request_len,
+                response_len=response_len,
+                target=target,
+            )
+            for i in range(group_size)
+        ]
+        return cls(group_id=str(group_id), episodes=episodes)
+
+
+def episode_from_completion(
+    sample: dict,
+    completion: Any,
+    reward: float,
+    ref_logprobs: torch.Tensor,
+    policy_version: int | None = None,
+    pad_id: int = 0,
+    request_len: int = 512,
+    response_len: int = 512,
+    episode_id: str | None = None,
+) -> Episode:
+    """An Episode from a dataset sample, a Completion, its reward and reference logprobs.
+
+    ``sample`` is what DatasetActor.sample returns (``request``, ``target``);
+    ``completion`` is one of Policy.generate's Completions (``text``,
+    ``prompt_ids``, ``token_ids``, ``generator_version``). ``policy_version``
+    defaults to the version that generated the completion, which is what
+    the replay buffer's age check needs. ``pad_id`` is best the model's
+    (``DatasetActor.pad_token``), but any id works: padding is masked by
+    length, in attention and in the loss. ``episode_id`` defaults to a
+    fresh random id.
+    """
+    episode = Episode(
+        episode_id=uuid.uuid4().hex[:8] if episode_id is None else episode_id,
+        request=sample["request"],
+        policy_version=(
+            completion.generator_version if policy_version is None else policy_version
+        ),
+        pad_id=pad_id,
+        request_len=request_len,
+        response_len=response_len,
+        target=sample.get("target"),
+    )
+    episode.response = completion.text
+    episode.request_tokens = completion.prompt_ids.tolist()
+    episode.response_tokens = completion.token_ids.tolist()
+    episode.ref_logprobs = ref_logprobs
+    episode.reward = reward
+    return episode
+
+
+def create_episode_from_grpo_data(
+    sample: dict,
+    completion: Any,
+    reward: float,
+    ref_logprobs: torch.Tensor,
+    step: int,
+    pad_id: int = 0,
+    request_len: int = 512,
+    response_len: int = 512,
+) -> Episode:
+    """The tutorial's name for ``episode_from_completion`` (it never defines it).
+
+    ``step`` is the policy version the loop was at when it generated; the
+    lengths default to the tutorial's 512.
+    """
+    return episode_from_completion(
+        sample,
+        completion,
+        reward,
+        ref_logprobs,
+        policy_version=step,
+        pad_id=pad_id,
+        request_len=request_len,
+        response_len=response_len,
+    )

@@ -1,0 +1,75 @@
+"""The GRPO loss, and the logprobs it is computed from.
+
+Per response token t of a sequence with advantage A:
+
+    ratio_t = exp(logprob_t - logprob_t.detach())        # 1.0, but carries the gradient
+    kl_t    = exp(ref_t - logprob_t) - (ref_t - logprob_t) - 1
+    loss_t  = -(ratio_t * A - beta * kl_t)
+
+The ratio is 1 in value, so the policy term's gradient is A times the
+gradient of logprob_t: push up tokens of better-than-average responses, push
+down the others. This is the simplified form of TorchForge's GRPO app: every
+sample is treated as on-policy (the replay buffer's ``max_policy_age`` bounds
+how stale one can be), so there is no importance ratio to clip.
+
+kl_t is the "k3" estimator of KL(policy || reference) (Schulman, "Approximating
+KL divergence", 2020): always >= 0, zero when the two agree, and unbiased
+while needing only the sampled token's logprob. beta = 0.1 sets how hard the
+policy is held near the reference model.
+
+The loss averages over each sequence's real tokens (``padding_mask``), then
+over the batch, so a long response does not outweigh a short one.
+
+``response_logprobs`` is the one place logits become per-token logprobs: the
+reference model and the trainer both call it, so the two can only differ by
+their weights.
+"""
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_BETA = 0.1
+
+
+def response_logprobs(logits: torch.Tensor, tokens: torch.Tensor, request_len: int) -> torch.Tensor:
+    """Logprobs of ``tokens[:, request_len:]`` under ``logits``: shape ``[B, L - request_len]``.
+
+    ``logits[:, i]`` is the model's prediction for ``tokens[:, i + 1]``, hence
+    the shift by one. The softmax runs in float32: in bfloat16 the logprobs of
+    likely tokens round to 0 and the KL term turns into noise.
+    """
+    if tokens.dim() != 2 or logits.shape[:2] != tokens.shape:
+        raise ValueError(
+            f"need logits [B, L, V] and tokens [B, L], got {tuple(logits.shape)} and "
+            f"{tuple(tokens.shape)}"
+        )
+    if not 0 < request_len < tokens.shape[1]:
+        raise ValueError(
+            f"request_len={request_len} must be between 1 and the sequence length "
+            f"{tokens.shape[1]} minus 1, so that at least one response token follows"
+        )
+    predicting = logits[:, request_len - 1 : -1].float()
+    chosen = tokens[:, request_len:].unsqueeze(-1)
+    return F.log_softmax(predicting, dim=-1).gather(-1, chosen).squeeze(-1)
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    padding_mask: torch.Tensor,
+    beta: float = DEFAULT_BETA,
+) -> torch.Tensor:
+    """The scalar GRPO loss of a batch; every tensor is ``[B, response_len]`` but
+    ``advantages``, ``[B, 1]``."""
+    mask = padding_mask.bool()
+    # Padded positions get log ratio 0 *before* exp: their logprobs are
+    # meaningless, and exp of a large one overflows to inf, which a mask
+    # applied afterwards turns into NaN (inf * 0), gradient included.
+    ref_minus_policy = torch.where(mask, ref_logprobs - logprobs, torch.zeros_like(logprobs))
+    kl = torch.exp(ref_minus_policy) - ref_minus_policy - 1
+    ratio = torch.exp(logprobs - logprobs.detach())
+    per_token = -(ratio * advantages - beta * kl)
+    tokens_per_sequence = mask.sum(dim=1).clamp(min=1)
+    per_sequence = (per_token * mask).sum(dim=1) / tokens_per_sequence
+    return per_sequence.mean()

@@ -1,0 +1,46 @@
+"""RewardActor: scores a response with several reward functions and averages them.
+
+Scoring is cheap CPU work, but in a real run it can be slow (a code sandbox,
+a judge model), so it lives in its own actor that scales on its own: the
+tutorial runs it as a service with many replicas. The reward functions are
+plain callables, ``fn(prompt, response, target) -> float`` (see
+``forge_lite.data.rewards``), shipped to the actor's process when it starts.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from forge_lite.controller import ForgeActor
+from monarch.actor import endpoint
+
+RewardFunction = Callable[[str, str, str], float]
+
+
+class RewardActor(ForgeActor):
+    """The mean of ``reward_functions`` for each response it is asked about."""
+
+    def __init__(self, reward_functions: Sequence[RewardFunction]):
+        self.reward_functions = list(reward_functions)
+
+    # Checked in setup, not __init__: an error in setup reaches the caller of
+    # as_actor/as_service as itself (a ValueError), one in __init__ only as
+    # the process's failure report.
+    @endpoint
+    async def setup(self) -> None:
+        if not self.reward_functions:
+            # The tutorial's version returns 0.0 here, a reward that silently
+            # teaches nothing; an empty list is a configuration mistake.
+            raise ValueError(
+                "RewardActor needs at least one reward function, e.g. "
+                "reward_functions=[MathReward(), ThinkingReward()]"
+            )
+        not_callable = [repr(fn) for fn in self.reward_functions if not callable(fn)]
+        if not_callable:
+            raise TypeError(f"reward functions must be callable, got {not_callable}")
+
+    @endpoint
+    def evaluate_response(self, prompt: str, response: str, target: str) -> float:
+        """The average score of ``response`` over the reward functions."""
+        scores = [float(fn(prompt, response, target)) for fn in self.reward_functions]
+        return sum(scores) / len(scores)
