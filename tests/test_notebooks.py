@@ -1,0 +1,54 @@
+"""Every notebook runs under nbval, and the outputs that teach are checked.
+
+Each notebook runs in its own pytest process with ``--nbval-lax``: every cell
+must run without error, and cells marked ``# NBVAL_CHECK_OUTPUT`` must print
+what the committed notebook shows (after ``nbval_sanitize.cfg`` masks times,
+ids and addresses).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
+MACHINE_PATH = re.compile(r'"/(root|tmp|work|home)/')
+
+
+def _cells(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["cells"]
+
+
+def _source(cell: dict) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs_under_nbval(notebook):
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+         "--nbval-sanitize-with", str(ROOT / "tests" / "nbval_sanitize.cfg"),
+         "--nbval-cell-timeout=600", "--nbval-current-env", "-o", "testpaths=", "-o", "addopts=", str(notebook)],
+        cwd=ROOT / "notebooks", capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_shape(notebook):
+    cells = [c for c in _cells(notebook) if c["cell_type"] == "code"]
+    assert "forge_lite.doctor" in _source(cells[0]), "the first code cell runs the doctor"
+    assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in cells), "a cell tagged 'parameters'"
+    assert "shutdown" in _source(cells[-1]), "the last code cell shuts everything down"
+    text = notebook.read_text()
+    assert not MACHINE_PATH.search(text), "outputs carry an absolute path of this machine"
+    assert '"widgets": {' not in text.split('"metadata"')[-1], "widget state blob in the metadata"
+    assert any("NBVAL_CHECK_OUTPUT" in _source(c) for c in cells), "no output is checked"
