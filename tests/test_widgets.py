@@ -112,3 +112,30 @@ async def test_training_dashboard_follows_the_recorder():
     assert list(reward_line.get_ydata()) == [0.0, 0.2, 0.4]
     assert len(dash._plot.value) > 1000  # a PNG was drawn
     assert repr(dash) == "TrainingDashboard(GRPO run)"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_kv_counters_rise_with_a_sticky_conversation_on_the_policy():
+    from forge_lite.actors.policy import Policy
+
+    policy = await Policy.options(num_replicas=2).as_service(
+        engine_config={"backend": "transformers"},
+        sampling_config={"max_tokens": 8, "temperature": 0.0},
+    )
+    try:
+        dash = ServiceDashboard(policy)
+        prompt = "What is 12 + 30?"
+        async with policy.session() as sid:
+            for turn in range(3):
+                completions = await policy.generate.route(prompt)
+                prompt = prompt + completions[0].text + f" And what is {turn} + 7?"
+        await asyncio.sleep(0.3)
+        session_kv = dash.view.kv_by_session[sid]
+        assert session_kv.cached_tokens > 0 and session_kv.prompt_tokens > session_kv.cached_tokens
+        pinned = completions[0].replica
+        card = dash.view.cards[pinned]
+        assert card.cached_tokens == session_kv.cached_tokens and card.weight_version == 0
+        assert dash.view.kv_total.hit_rate > 0 and "KV hits" in dash._cards.value
+    finally:
+        await policy.shutdown()
