@@ -56,24 +56,7 @@ class BrokenInit(ForgeActor):
         return "pong"
 
 
-# The tutorial's ForgeCounter, verbatim but for the import: it mixes sync and
-# async endpoints, which plain Monarch refuses at spawn time.
-class ForgeCounter(ForgeActor):
-    def __init__(self, initial_value: int):
-        self.value = initial_value
-
-    @endpoint
-    def increment(self) -> int:
-        self.value += 1
-        return self.value
-
-    @endpoint
-    def get_value(self) -> int:
-        return self.value
-
-    @endpoint
-    async def reset(self):
-        self.value = 0
+from tutorial_actors import ForgeCounter  # noqa: E402  (the tutorial's class, verbatim)
 
 
 class PlainMonarchActor(Actor):
