@@ -14,7 +14,10 @@ STAMP       := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256su
 TARGET      ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 HOST        ?= 127.0.0.1
 PORT        ?= 8888
-TOKEN       ?= $(shell $(PYTHON) -c 'import secrets; print(secrets.token_hex(16))')
+# Generated once per run (":="), so the printed URL carries the token the server uses.
+ifndef TOKEN
+TOKEN       := $(shell $(PYTHON) -c 'import secrets; print(secrets.token_hex(16))')
+endif
 PYTEST_ARGS ?=
 ROOT_FLAG   := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
