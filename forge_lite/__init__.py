@@ -8,5 +8,12 @@ Importing this package first also tunes Monarch for interactive use (see
 from forge_lite.controller import runtime as _runtime  # noqa: F401  (sets env before monarch loads)
 from forge_lite.controller import ForgeActor
 
+# In the caller's process (a notebook kernel, a script) install the fault hook
+# now, so even raw Monarch used after this import cannot take the kernel down.
+# The kit's own worker processes import this package too; they leave Monarch's
+# defaults alone.
+if not _runtime.in_worker_process():
+    _runtime.configure_client()
+
 __all__ = ["ForgeActor"]
 __version__ = "0.1.0"

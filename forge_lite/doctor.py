@@ -140,7 +140,7 @@ def _engine(rows: list[Row]) -> Row:
     vllm_ok = next(r.ok for r in rows if r.name == "vLLM")
     gpu_ok = next(r.ok for r in rows if r.name == "GPUs")
     engine = "vllm" if vllm_ok else "transformers"
-    return Row("engine", True, f"{engine} on {'cuda' if gpu_ok else 'cpu'}")
+    return Row("engine", True, f"backend='auto' uses {engine} on {'cuda' if gpu_ok else 'cpu'}")
 
 
 def _shipped_model() -> Row:

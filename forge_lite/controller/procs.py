@@ -123,8 +123,19 @@ async def spawn_processes(
     _ensure_job_dir()
     base = default_bootstrap_cmd()
 
+    # Quiet children: a progress bar per model load, or a multiprocessing
+    # warning from a killed process (with a path in it), would land in
+    # whatever notebook cell happens to be running.
+    quiet = {
+        "HF_HUB_DISABLE_PROGRESS_BARS": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        "PYTHONWARNINGS": os.environ.get(
+            "PYTHONWARNINGS", "ignore::UserWarning:multiprocessing.resource_tracker"
+        ),
+        runtime.WORKER_ENV: "1",
+    }
+
     def command_for(point):
-        extra = dict(env or {})
+        extra = {**quiet, **(env or {})}
         # A process that was not given a GPU must not grab one: torch would
         # otherwise use cuda:0 of every process on a GPU node.
         extra["CUDA_VISIBLE_DEVICES"] = str(gpus[point.rank]) if gpus else ""

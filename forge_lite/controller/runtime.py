@@ -36,6 +36,13 @@ _lock = threading.Lock()
 _configured = False
 
 
+WORKER_ENV = "FORGE_LITE_WORKER"  # set in every process the kit spawns
+
+
+def in_worker_process() -> bool:
+    return os.environ.get(WORKER_ENV) == "1"
+
+
 def mesh_prefix(mesh_name: str) -> str:
     """The name given to ``spawn`` for a mesh Monarch reports as ``name-<random>``."""
     return mesh_name.rsplit("-", 1)[0]
