@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from forge_lite.actors.engines import Completion, SamplingConfig, make_engine
 from forge_lite.actors.weights import WEIGHTS_DIR_ENV, WeightStore
 from forge_lite.controller import ForgeActor
+from forge_lite.controller.service_config import ServiceConfig
 from monarch.actor import concurrent_endpoint, endpoint
 
 #: Set by the service in each replica's processes; a plain actor has none.
@@ -59,6 +60,11 @@ class Policy(ForgeActor):
     temperature, top_p, stop, seed); `generate(prompt, **overrides)` changes
     them per request.
     """
+
+    # The engine batches whatever is waiting, so one replica should have many
+    # requests in flight: with the service default of 10, 64 concurrent prompts
+    # ran as batches of 10 (0.23-0.29x the engine's own throughput, measured).
+    service_config = ServiceConfig(max_concurrent_requests=64)
 
     def __init__(self, engine_config: dict | None = None, sampling_config: dict | None = None):
         self.engine_config = dict(engine_config or {})
