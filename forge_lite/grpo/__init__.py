@@ -5,24 +5,31 @@
 rewards into advantages. ``episode_from_completion`` (alias
 ``create_episode_from_grpo_data``, the name the tutorial uses without
 defining it) builds an Episode from one generated Completion.
+
+Names are imported on first use: a RewardActor replica then loads only the
+reward code, not torch (about 3 s per process on a laptop core).
 """
 
-from forge_lite.grpo.advantages import ComputeAdvantages
-from forge_lite.grpo.dataset import DatasetActor
-from forge_lite.grpo.episode import (
-    Episode,
-    Group,
-    create_episode_from_grpo_data,
-    episode_from_completion,
-)
-from forge_lite.grpo.reward_actor import RewardActor
+import importlib
 
-__all__ = [
-    "ComputeAdvantages",
-    "DatasetActor",
-    "Episode",
-    "Group",
-    "RewardActor",
-    "create_episode_from_grpo_data",
-    "episode_from_completion",
-]
+_HOMES = {
+    "ComputeAdvantages": "forge_lite.grpo.advantages",
+    "DatasetActor": "forge_lite.grpo.dataset",
+    "Episode": "forge_lite.grpo.episode",
+    "Group": "forge_lite.grpo.episode",
+    "create_episode_from_grpo_data": "forge_lite.grpo.episode",
+    "episode_from_completion": "forge_lite.grpo.episode",
+    "RewardActor": "forge_lite.grpo.reward_actor",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'forge_lite.grpo' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
