@@ -92,9 +92,9 @@ class PrefixAware(Router):
     per replica, the hashes of the prompt prefixes it served, in blocks of
     ``block_chars`` characters (a stand-in for the engine's token blocks),
     chained so that a block's hash names everything before it too. It picks
-    the replica with the most matching leading blocks, unless that replica
-    has ``max_imbalance`` more requests in flight than the least-loaded one:
-    then load wins. Calls without a text prompt are balanced by load.
+    the replica with the most matching leading blocks, unless the
+    least-loaded replica matches as much (then it takes it) or the best one
+    has ``max_imbalance`` more requests in flight: then load wins. Calls without a text prompt are balanced by load.
     """
 
     name = "prefix"
@@ -138,6 +138,10 @@ class PrefixAware(Router):
         least = min(candidates, key=lambda r: (r.in_flight, r.requests_served, r.index))
         best = max(candidates, key=lambda r: (self._matched_blocks(r.index, hashes), -r.in_flight))
         matched = self._matched_blocks(best.index, hashes)
+        # A prefix the least-loaded replica holds as well (a shared system
+        # prompt) is no reason to pile onto another replica.
+        if matched <= self._matched_blocks(least.index, hashes):
+            best, matched = least, self._matched_blocks(least.index, hashes)
         if matched == 0:
             pick, reason = least, f"no prefix match, least loaded → {least.index}"
         elif best.in_flight - least.in_flight > self.max_imbalance:
