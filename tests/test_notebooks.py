@@ -9,6 +9,7 @@ ids and addresses).
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -38,6 +39,8 @@ def test_notebook_runs_under_nbval(notebook):
          "--nbval-sanitize-with", str(ROOT / "tests" / "nbval_sanitize.cfg"),
          "--nbval-cell-timeout=600", "--nbval-current-env", "-o", "testpaths=", "-o", "addopts=", str(notebook)],
         cwd=ROOT / "notebooks", capture_output=True, text=True,
+        # A fresh kernel, as a learner has: no weight directory of earlier tests.
+        env={k: v for k, v in os.environ.items() if k != "FORGE_LITE_WEIGHTS_DIR"},
     )
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
 

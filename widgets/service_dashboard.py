@@ -18,7 +18,7 @@ import time
 
 import ipywidgets as w
 
-from widgets.service_view import STATE_COLOURS, ServiceView
+from widgets.service_view import FLASH_S, SHOW_FAILED_S, STATE_COLOURS, ServiceView
 from widgets.throttle import Throttle
 
 CSS = """
@@ -117,25 +117,29 @@ class ServiceDashboard(w.VBox):
         self._kv.value = self._kv_html()
         self._log.value = self._log_html()
         flashing = [c for c in view.cards.values() if c.flashing(now)]
-        if flashing and not view.stopped:  # redraw once the flash is over
+        if flashing and not view.stopped:  # redraw when FAILED stops lingering, and after the flash
             try:
-                asyncio.get_running_loop().call_later(2.1, self._throttle)
+                loop = asyncio.get_running_loop()
+                loop.call_later(SHOW_FAILED_S + 0.05, self._throttle)
+                loop.call_later(FLASH_S + 0.1, self._throttle)
             except RuntimeError:
                 pass
 
     def _card_html(self, c, now: float) -> str:
         flash = " fl-flash" if c.flashing(now) else ""
+        state = c.shown_state(now)
+        reason = c.reason if state == c.state else f"{c.reason} (now {c.state})"
         lines = [
-            f"<div class='fl-state'>{STATE_MARK.get(c.state, '')} replica {c.index}: {c.state}</div>",
-            f"<div class='fl-reason'>{html.escape(c.reason)}</div>",
+            f"<div class='fl-state'>{STATE_MARK.get(state, '')} replica {c.index}: {state}</div>",
+            f"<div class='fl-reason'>{html.escape(reason)}</div>",
             f"in flight {c.in_flight} / {c.capacity} · served {c.served}",
             f"p50 {_fmt(c.p50_ms, '.1f')} ms · sessions {c.sessions}",
         ]
         if c.weight_version is not None or c.prompt_tokens:
             lines.append(f"weights v{_fmt(c.weight_version, 'd')} · KV hits {_fmt(c.kv_hit_rate, '.0%')}")
         return (
-            f"<div class='fl-replica {c.css_class}{flash}' data-replica='{c.index}' "
-            f"data-state='{c.state}'>" + "<br>".join(lines) + "</div>"
+            f"<div class='fl-replica {c.css_class(now)}{flash}' data-replica='{c.index}' "
+            f"data-state='{state}'>" + "<br>".join(lines) + "</div>"
         )
 
     def _kv_html(self) -> str:

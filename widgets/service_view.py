@@ -28,6 +28,9 @@ STATE_COLOURS = {
     "STOPPED": "#616161",
 }
 FLASH_S = 2.0  # how long a card stays highlighted after its state changes
+# A replica can go FAILED -> RECOVERING within milliseconds; its card keeps
+# saying FAILED this long, so a person (or a browser test) can see it.
+SHOW_FAILED_S = 2.0
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Card:
     state: str = "RECOVERING"
     reason: str = "starting"
     changed_at: float = 0.0
+    failed_at: float | None = None
     in_flight: int = 0
     capacity: int = 0
     served: int = 0
@@ -47,9 +51,14 @@ class Card:
     prompt_tokens: int = 0
     cached_tokens: int = 0
 
-    @property
-    def css_class(self) -> str:
-        return f"fl-replica-{self.state.lower()}"
+    def shown_state(self, now: float) -> str:
+        """The state the card shows: FAILED lingers briefly into RECOVERING."""
+        if self.state == "RECOVERING" and self.failed_at is not None and now - self.failed_at < SHOW_FAILED_S:
+            return "FAILED"
+        return self.state
+
+    def css_class(self, now: float) -> str:
+        return f"fl-replica-{self.shown_state(now).lower()}"
 
     @property
     def kv_hit_rate(self) -> float | None:
@@ -133,6 +142,7 @@ class ServiceView:
             card = self.card(event.replica)
             card.state, card.reason, card.changed_at = event.new, event.reason, event.time
             if event.new == "FAILED":
+                card.failed_at = event.time
                 self.failures.append((event.time, event.replica))
         elif isinstance(event, RequestRetried):
             self.rows.append(
