@@ -6,6 +6,7 @@ import os
 import time
 
 import psutil
+import pytest
 
 import forge_lite  # noqa: F401  (before monarch: sets Monarch's env)
 
@@ -58,3 +59,17 @@ async def wait_for_exit(pids: list[int], timeout: float = 30.0) -> list[int]:
     while (alive := [p for p in pids if pid_alive(p)]) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     return alive
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A weight store whose directory the actors spawned in this module inherit."""
+    from forge_lite.actors.weights import WEIGHTS_DIR_ENV, WeightStore
+
+    previous = os.environ.get(WEIGHTS_DIR_ENV)
+    os.environ[WEIGHTS_DIR_ENV] = str(tmp_path_factory.mktemp("weights"))
+    yield WeightStore()
+    if previous is None:
+        del os.environ[WEIGHTS_DIR_ENV]
+    else:
+        os.environ[WEIGHTS_DIR_ENV] = previous

@@ -24,18 +24,6 @@ def tiny_model(tmp_path_factory) -> str:
     return build_tiny_qwen3(str(tmp_path_factory.mktemp("tiny_qwen3")))
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A weight store whose directory the actors spawned in this module inherit."""
-    previous = os.environ.get(WEIGHTS_DIR_ENV)
-    os.environ[WEIGHTS_DIR_ENV] = str(tmp_path_factory.mktemp("weights"))
-    yield WeightStore()
-    if previous is None:
-        del os.environ[WEIGHTS_DIR_ENV]
-    else:
-        os.environ[WEIGHTS_DIR_ENV] = previous
-
-
 def engine_config(model: str) -> dict:
     return {"backend": "transformers", "model": model, "max_model_len": 512}
 

@@ -42,18 +42,6 @@ ENGINE_CONFIGS = {
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A weight store whose directory the replicas spawned in this module inherit."""
-    previous = os.environ.get(WEIGHTS_DIR_ENV)
-    os.environ[WEIGHTS_DIR_ENV] = str(tmp_path_factory.mktemp("weights"))
-    yield WeightStore()
-    if previous is None:
-        del os.environ[WEIGHTS_DIR_ENV]
-    else:
-        os.environ[WEIGHTS_DIR_ENV] = previous
-
-
-@pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
 
