@@ -7,32 +7,65 @@ the loss (GRPO by default), clips the gradient and steps the optimizer.
 ``push_weights(policy_version)`` writes the weights, under their Hugging Face
 names, to the weight store, where the Policy replicas load them.
 
-The trainer runs on one process. A batch with several dp chunks is trained
-as one: with equal chunks and a loss that averages over sequences, the
-concatenated batch has the same gradient as dp_size ranks averaging theirs.
-Data parallelism across processes is not implemented in forge_lite.
+One process or several:
+
+- ``RLTrainer.options(procs=1)``: one process trains on every chunk of the
+  batch, concatenated. Call it with ``call_one``.
+- ``RLTrainer.options(procs=N)``: N processes, one actor each, train
+  data-parallel. Create the replay buffer with ``dp_size=N``; rank r trains
+  on chunk r, and PyTorch's DistributedDataParallel (DDP) averages the
+  gradients across ranks, so every rank takes the same step and the weights
+  stay identical. Call it with ``call``: every rank returns the batch's loss.
+  ``with_gpus=True`` gives each process a GPU (NCCL); on CPU the ranks talk
+  over gloo.
+
+Either way the step is the one the whole batch would give on one process: the
+loss is a mean over sequences, and each rank weights its part by its share of
+the whole batch.
+
+Why DDP and not FSDP2: DDP keeps a full copy of the model on every rank and
+only all-reduces gradients, which is the simplest correct scheme and enough
+while the model, its gradients and the optimizer state fit on one GPU (a
+1.7B model in float32 with AdamW needs about 27 GB). FSDP2 shards those over
+the ranks to train models that don't fit, at the price of gathering
+parameters in every forward and backward and of saving weights that are
+spread over processes; switch when memory, not speed, is what limits you.
 
 Configuration is the tutorial's three dicts:
 
     model={"name": "qwen3", "flavor": "1.7B", "hf_assets_path": "hf://Qwen/Qwen3-1.7B"}
     optimizer={"name": "AdamW", "lr": 1e-5}           # any torch.optim class, its kwargs
     training={"local_batch_size": 2, "seq_len": 2048}  # see TrainingConfig
+
+The controller's calls (``batch`` is what ``replay_buffer.sample`` returns):
+
+    trainer = await RLTrainer.options(procs=2).as_actor(model=..., optimizer=..., training=...)
+    inputs, targets = batch                                  # lists of 2 chunks (dp_size=2)
+    losses = await trainer.train_step.call(inputs, targets)  # one loss per rank, all equal
+    loss = next(iter(losses.values()))
+    await trainer.push_weights.call(policy_version=1)        # returns once the file exists
+    await RLTrainer.shutdown(trainer)
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
+import socket
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from forge_lite.actors.hf_model import causal_lm_logits, load_causal_lm
+from forge_lite.actors.hf_model import causal_lm_logits, default_device, load_causal_lm
 from forge_lite.actors.weights import WEIGHTS_DIR_ENV, WeightStore
 from forge_lite.controller import ForgeActor
 from forge_lite.grpo.loss import grpo_loss, response_logprobs
-from monarch.actor import current_size, endpoint
+from monarch.actor import current_rank, current_size, endpoint
 
 
 @dataclass
@@ -42,6 +75,7 @@ class TrainingConfig:
     # Sequences per forward/backward pass. A larger batch is split into
     # micro-batches of this size whose gradients add up to the full batch's,
     # so it bounds memory, not the batch. None: the whole batch at once.
+    # With procs > 1 it applies to each rank's chunk.
     local_batch_size: int | None = None
     # Longest sequence (request_len + response_len) the trainer accepts.
     seq_len: int = 2048
@@ -60,7 +94,7 @@ class TrainingConfig:
 
 class RLTrainer(ForgeActor):
     """Trains the policy model with a loss ``loss(logprobs, ref_logprobs, advantages,
-    padding_mask) -> scalar`` (GRPO by default)."""
+    padding_mask) -> scalar`` (GRPO by default); data-parallel with ``procs > 1``."""
 
     def __init__(
         self,
@@ -68,45 +102,87 @@ class RLTrainer(ForgeActor):
         optimizer: dict | None = None,
         training: dict | None = None,
         loss: Callable[..., torch.Tensor] = grpo_loss,
+        rendezvous_port: int | None = None,
     ):
+        """``rendezvous_port``: where the ranks of a data-parallel trainer meet;
+        ``as_actor`` picks a free one, so leave it unset."""
         self.model_spec = model
         self.optimizer_config = {"name": "AdamW", "lr": 1e-5, **(optimizer or {})}
         self.training_config = training
         self.loss = loss
+        self.rendezvous_port = rendezvous_port
+
+    @classmethod
+    async def as_actor(cls, *args, **kwargs):
+        """Spawn the trainer's ``procs`` processes; see ForgeActor.as_actor."""
+        # The ranks of one trainer meet at a TCP port that rank 0 listens on,
+        # and every rank must know it before it starts. The controller is the
+        # one place that talks to every rank before that, so it picks the port
+        # here and hands the same number to all of them. Asking the OS for a
+        # free port (bind to port 0) gives each trainer its own, so two
+        # trainers on one host never meet at the same port. (forge_lite puts
+        # every process on this host, so a port free here is free for rank 0.)
+        if cls.procs > 1 and kwargs.get("rendezvous_port") is None:
+            kwargs["rendezvous_port"] = free_port()
+        return await super().as_actor(*args, **kwargs)
 
     # Configuration is checked here rather than in __init__: an error in setup
     # reaches the caller of as_actor as itself (a ValueError).
     @endpoint
     async def setup(self) -> None:
-        processes = 1
-        for size in current_size().values():
-            processes *= size
-        if processes != 1:
-            raise ValueError(
-                f"RLTrainer runs on one process, got procs={processes}: data parallel "
-                "training across processes is not implemented in forge_lite. Use procs=1; "
-                "it trains on every dp chunk of a batch."
-            )
+        self.rank = current_rank().rank
+        self.world_size = math.prod(current_size().values())
+        # Checked before the ranks meet: a rank that fails alone would leave
+        # the others waiting for it.
         self.training = TrainingConfig.from_dict(self.training_config)
-        self.model = load_causal_lm(self.model_spec, self.training.dtype)
+        device = default_device()
+        if device.type == "cuda":
+            # The process's one GPU (with_gpus=True), named with its index,
+            # which NCCL needs to know which GPU this rank uses.
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self.world_size > 1:
+            if self.rendezvous_port is None:
+                raise ValueError(
+                    f"RLTrainer with procs={self.world_size} needs a rendezvous port; start "
+                    "it with RLTrainer.options(procs=N).as_actor(...), which picks one"
+                )
+            dist.init_process_group(
+                backend="nccl" if device.type == "cuda" else "gloo",
+                init_method=f"tcp://127.0.0.1:{self.rendezvous_port}",
+                rank=self.rank,
+                world_size=self.world_size,
+                device_id=device if device.type == "cuda" else None,
+            )
+        # self.model is the Hugging Face model itself: its state_dict has the
+        # HF names the weight store wants. self.trained is what runs the
+        # forward: the model, or the DDP wrapper around it that all-reduces
+        # gradients during backward.
+        self.model = load_causal_lm(self.model_spec, self.training.dtype, device)
         self.model.train()
+        self.trained = self.model
+        if self.world_size > 1:
+            # DDP starts every rank from rank 0's weights.
+            self.trained = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         self.optimizer = build_optimizer(self.model.parameters(), self.optimizer_config)
+
+    async def __cleanup__(self, exc: Exception | None) -> None:
+        # Monarch calls this when the actor stops (RLTrainer.shutdown). The
+        # process exits right after; destroying the group first closes its
+        # connections cleanly (NCCL warns at exit otherwise).
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     @endpoint
     def train_step(self, inputs: list[dict], targets: list[dict]) -> float:
-        """One optimizer step on the batch; returns its loss before the step."""
-        batch, target = merge_dp_chunks(inputs, targets)
+        """One optimizer step on the batch; returns the whole batch's loss before the step."""
+        batch, target, global_batch_size = self._my_part(inputs, targets)
         device = next(self.model.parameters()).device
         tokens = batch["tokens"].to(device)
         attention_mask = batch.get("attention_mask")
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
-        if tokens.shape[1] > self.training.seq_len:
-            raise ValueError(
-                f"batch sequences are {tokens.shape[1]} tokens (request_len + response_len) "
-                f"but training seq_len is {self.training.seq_len}; raise training['seq_len'] "
-                "or use shorter episodes"
-            )
         # The collate puts every response at the same column.
         request_len = tokens.shape[1] - target["response"].shape[1]
         loss_inputs = {
@@ -115,27 +191,80 @@ class RLTrainer(ForgeActor):
 
         batch_size = tokens.shape[0]
         micro = self.training.local_batch_size or batch_size
+        starts = range(0, batch_size, micro)
         self.optimizer.zero_grad(set_to_none=True)
         batch_loss = 0.0
-        for start in range(0, batch_size, micro):
+        for start in starts:
             rows = slice(start, start + micro)
-            logits = causal_lm_logits(
-                self.model, tokens[rows], None if attention_mask is None else attention_mask[rows]
-            )
-            logprobs = response_logprobs(logits, tokens[rows], request_len)
-            loss = self.loss(logprobs, **{key: value[rows] for key, value in loss_inputs.items()})
-            # The loss is a mean over a micro-batch's sequences; weighting it by
-            # the micro-batch's share makes the summed gradients the batch mean's.
-            share = logprobs.shape[0] / batch_size
-            (loss * share).backward()
+            # DDP all-reduces gradients in every backward; no_sync skips that
+            # for all but the last micro-batch, whose backward reduces the sum.
+            accumulate_only = self.world_size > 1 and start != starts[-1]
+            with self.trained.no_sync() if accumulate_only else contextlib.nullcontext():
+                mask = None if attention_mask is None else attention_mask[rows]
+                logits = causal_lm_logits(self.trained, tokens[rows], mask)
+                logprobs = response_logprobs(logits, tokens[rows], request_len)
+                loss = self.loss(
+                    logprobs, **{key: value[rows] for key, value in loss_inputs.items()}
+                )
+                # The loss is a mean over a micro-batch's sequences; weighting it
+                # by the micro-batch's share of the whole batch makes the summed
+                # gradients the whole batch's mean. DDP divides the summed
+                # gradients by world_size, which the weight multiplies back.
+                share = logprobs.shape[0] / global_batch_size
+                (loss * share * self.world_size).backward()
             batch_loss += loss.item() * share
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.training.max_norm)
         self.optimizer.step()
+        if self.world_size > 1:
+            # Each rank summed its part of the batch mean; the sum over ranks
+            # is the whole batch's, the same number on every rank.
+            total = torch.tensor(batch_loss, dtype=torch.float64, device=device)
+            dist.all_reduce(total)
+            batch_loss = total.item()
         return batch_loss
+
+    def _my_part(self, inputs: list[dict], targets: list[dict]) -> tuple[dict, dict, int]:
+        """This rank's chunk (every chunk, merged, on one process) and the
+        number of sequences in the whole batch.
+
+        Every rank checks the whole batch, not just its chunk: all ranks must
+        reach the same verdict, or those that go on wait forever in the
+        gradient all-reduce for those that raised.
+        """
+        merged_inputs, merged_targets = merge_dp_chunks(inputs, targets)
+        if merged_inputs["tokens"].shape[1] > self.training.seq_len:
+            raise ValueError(
+                f"batch sequences are {merged_inputs['tokens'].shape[1]} tokens (request_len + "
+                f"response_len) but training seq_len is {self.training.seq_len}; raise "
+                "training['seq_len'] or use shorter episodes"
+            )
+        global_batch_size = merged_inputs["tokens"].shape[0]
+        if self.world_size == 1:
+            return merged_inputs, merged_targets, global_batch_size
+        if len(inputs) != self.world_size:
+            raise ValueError(
+                f"the batch has {len(inputs)} dp chunk(s) but the trainer has "
+                f"{self.world_size} ranks (procs={self.world_size}); each rank trains on one "
+                f"chunk, so create the replay buffer with dp_size={self.world_size}"
+            )
+        # DDP syncs the model's buffers in every forward, a collective: ranks
+        # with different numbers of micro-batches would wait for each other.
+        chunk_sizes = [chunk["tokens"].shape[0] for chunk in inputs]
+        if len(set(chunk_sizes)) > 1:
+            raise ValueError(
+                f"the dp chunks hold {chunk_sizes} sequences; data-parallel ranks need "
+                "chunks of one size (the replay buffer's collate makes them so)"
+            )
+        return inputs[self.rank], targets[self.rank], global_batch_size
 
     @endpoint
     def push_weights(self, policy_version: int) -> None:
-        """Publish the current weights as ``policy_version`` (HF parameter names)."""
+        """Publish the current weights as ``policy_version`` (HF parameter names).
+
+        With procs > 1, call it on every rank (``call``): the weights are the
+        same on all of them, so rank 0 writes them, and every rank returns
+        only once the version is in the store.
+        """
         # Without the variable, WeightStore() would make a directory of its
         # own that no Policy replica reads: the weights would silently go nowhere.
         if not os.environ.get(WEIGHTS_DIR_ENV):
@@ -144,7 +273,21 @@ class RLTrainer(ForgeActor):
                 "Create forge_lite.actors.weights.WeightStore() in the controller (notebook) "
                 "before starting the trainer and the policy, so they share one directory"
             )
-        WeightStore().put(policy_version, self.model.state_dict())
+        try:
+            if self.rank == 0:
+                WeightStore().put(policy_version, self.model.state_dict())
+        finally:
+            # In `finally`, so that if rank 0 fails to write, the others are
+            # released and the call reports rank 0's error.
+            if self.world_size > 1:
+                dist.barrier()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no process is listening on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def build_optimizer(parameters, config: dict) -> torch.optim.Optimizer:
