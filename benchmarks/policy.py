@@ -1,6 +1,7 @@
 """What serving the Policy as a service costs and what its KV cache buys, measured side by side.
 
     python benchmarks/policy.py              # a few minutes on 2 cores
+    python benchmarks/policy.py --only a     # one part (a, b or c)
 
 All with the shipped model and the shipped math questions, greedy sampling
 (so every mode generates the same tokens) and the prefix caches emptied before
@@ -9,10 +10,10 @@ each timed round unless a row is about the cache.
 a. Service overhead: tokens/s of 64 concurrent `policy.generate.route` calls
    on a 1-replica vLLM Policy service, against the same vLLM engine class
    (`make_engine`) called directly in this process with the 64 prompts as one
-   batch. Target route/direct >= 0.85. Two services, with the default
-   `max_concurrent_requests` (10) and with 64, and the second one's replica
-   called with Monarch's `call_one` (no service layer). The engine batch sizes
-   and the time spent inside the engine in the replica say where the rest goes.
+   batch. Target route/direct >= 0.85. Also the replica's actor called with
+   Monarch's `call_one` (no service layer). The replica's engine steps (how
+   many, how many requests the first one held) and the time spent inside them
+   say where the rest goes.
 b. KV-cache reuse: 16 conversations of 5 turns at once (turn n+1 = turn n's
    prompt + reply + a new question) on 2 replicas, with round robin, sticky
    sessions, and the prefix router. Fraction of turn-2+ prompt tokens served
@@ -36,6 +37,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import forge_lite  # noqa: F401  (before monarch)
 from monarch.actor import endpoint
@@ -58,22 +60,46 @@ ENGINE_CONFIGS = {
 }
 
 
-class BatchRecordingPolicy(Policy):
-    """The Policy, noting each engine call: how many prompts, how many seconds."""
+class StepRecord(NamedTuple):
+    """One call of the Policy's `_step` in the replica."""
+
+    requests: int  # requests in the engine when it began
+    seconds: float  # the whole call: to the worker thread, engine steps, back
+    engine_seconds: float  # inside engine.step
+    engine_steps: int
+
+
+class StepRecordingPolicy(Policy):
+    """The Policy, noting each `_step` (see StepRecord)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.batches: list[tuple[int, float]] = []
+        self.records: list[StepRecord] = []
 
-    async def _run(self, group):
+    async def _step(self):
+        requests = len(self._running)
+        engine_step, engine_seconds = self.engine.step, []
+
+        def timed_engine_step():
+            start = time.perf_counter()
+            finished = engine_step()
+            engine_seconds.append(time.perf_counter() - start)
+            return finished
+
+        self.engine.step = timed_engine_step  # for this call only
         start = time.perf_counter()
-        await super()._run(group)
-        self.batches.append((len(group), time.perf_counter() - start))
+        try:
+            await super()._step()
+        finally:
+            del self.engine.step
+        self.records.append(
+            StepRecord(requests, time.perf_counter() - start, sum(engine_seconds), len(engine_seconds))
+        )
 
     @endpoint
-    async def take_batches(self) -> list[tuple[int, float]]:
-        batches, self.batches = self.batches, []
-        return batches
+    async def take_records(self) -> list[StepRecord]:
+        records, self.records = self.records, []
+        return records
 
 
 def load_questions() -> list[str]:
@@ -105,56 +131,43 @@ class CacheReset:
 
 async def measure_route_vs_direct(args, prompts: list[str], engine, reset: CacheReset) -> dict:
     sampling = {"temperature": 0.0, "max_tokens": args.max_tokens}
-    config = ENGINE_CONFIGS["vllm"]
-    wide = len(prompts)
-    services = dict(zip(
-        ["route, limit 10 (default)", f"route, limit {wide}"],
-        await asyncio.gather(
-            BatchRecordingPolicy.options(num_replicas=1).as_service(engine_config=config, sampling_config=sampling),
-            BatchRecordingPolicy.options(num_replicas=1, max_concurrent_requests=wide).as_service(
-                engine_config=config, sampling_config=sampling
-            ),
-        ),
-    ))
+    service = await StepRecordingPolicy.options(num_replicas=1).as_service(
+        engine_config=ENGINE_CONFIGS["vllm"], sampling_config=sampling
+    )
+    limit = service.service.config.max_concurrent_requests
 
-    # Each run returns (tokens, seconds, engine calls as (prompts, seconds));
-    # only the generation itself is timed, not the cache reset before it.
+    # Each run returns (tokens, seconds, the replica's StepRecords or None in
+    # this process); only the generation itself is timed, not the cache reset
+    # before it.
     async def run_direct():
         engine.reset_prefix_cache()
         start = time.perf_counter()
         results = await asyncio.to_thread(engine.generate, prompts, SamplingConfig(**sampling))
-        seconds = time.perf_counter() - start
-        return tokens_in(results), seconds, [(len(prompts), seconds)]
+        return tokens_in(results), time.perf_counter() - start, None
 
-    def run_remote(service, generate, take_batches):
+    def run_remote(generate, take_records):
         async def run():
             await reset(service)
-            await take_batches()
+            await take_records()
             start = time.perf_counter()
             results = await asyncio.gather(*(generate(p) for p in prompts))
             seconds = time.perf_counter() - start
-            return tokens_in(results), seconds, await take_batches()
+            return tokens_in(results), seconds, await take_records()
 
         return run
 
     # The replica's own actor, called without the service (internal handle, as
     # in benchmarks/services.py): Monarch messaging and the Policy only.
-    replica_actor = services[f"route, limit {wide}"].replicas[0].mesh
+    replica_actor = service.replicas[0].mesh
     modes = {
         "direct engine, one batch": run_direct,
-        **{
-            name: run_remote(service, service.generate.route, service.take_batches.route)
-            for name, service in services.items()
-        },
-        f"call_one on the replica (limit {wide}'s)": run_remote(
-            services[f"route, limit {wide}"], replica_actor.generate.call_one, replica_actor.take_batches.call_one
-        ),
+        f"route (limit {limit})": run_remote(service.generate.route, service.take_records.route),
+        "call_one on the replica": run_remote(replica_actor.generate.call_one, replica_actor.take_records.call_one),
     }
 
     rates: dict[str, list[float]] = {name: [] for name in modes}
     walls: dict[str, list[float]] = {name: [] for name in modes}
-    engine_s: dict[str, list[float]] = {name: [] for name in modes}
-    batches: dict[str, list[list[int]]] = {name: [] for name in modes}
+    records: dict[str, list[list[StepRecord] | None]] = {name: [] for name in modes}
     tokens: dict[str, int] = {}
     try:
         for run in modes.values():  # warm up: first calls compile and allocate
@@ -162,28 +175,35 @@ async def measure_route_vs_direct(args, prompts: list[str], engine, reset: Cache
         names = list(modes)
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[: r % len(names)]:
-                tokens[name], seconds, engine_calls = await modes[name]()
+                tokens[name], seconds, round_records = await modes[name]()
                 walls[name].append(seconds)
                 rates[name].append(tokens[name] / seconds)
-                engine_s[name].append(sum(seconds for _, seconds in engine_calls))
-                batches[name].append([size for size, _ in engine_calls])
+                records[name].append(round_records)
     finally:
-        await asyncio.gather(*(s.shutdown() for s in services.values()))
+        await service.shutdown()
 
     direct = statistics.median(rates["direct engine, one batch"])
-    return {
-        name: {
+    rows = {}
+    for name in modes:
+        rows[name] = {
             "tokens_per_s": statistics.median(rates[name]),
             "rounds": rates[name],
             "tokens": tokens[name],
-            "engine_batches": batches[name],  # per round
             "ratio_vs_direct": statistics.median(rates[name]) / direct,
-            # Wall time of a round, and the part of it the engine was generating.
-            "wall_s": statistics.median(walls[name]),
-            "engine_s": statistics.median(engine_s[name]),
+            "wall_s": statistics.median(walls[name]),  # a whole round
         }
-        for name in modes
-    }
+        if records[name][0] is not None:
+            per_round = records[name]
+            rows[name].update({
+                # The part of a round the replica spent in engine steps, and in
+                # handing them to its worker thread and back.
+                "engine_s": statistics.median(sum(r.engine_seconds for r in rs) for rs in per_round),
+                "handover_s": statistics.median(sum(r.seconds - r.engine_seconds for r in rs) for rs in per_round),
+                "engine_steps": [sum(r.engine_steps for r in rs) for rs in per_round],
+                # How many of the prompts the engine started with.
+                "first_step_requests": [rs[0].requests for rs in per_round],
+            })
+    return rows
 
 
 # ---------------------------------------------------------------- b. KV-cache reuse
@@ -301,18 +321,22 @@ def print_report(route: dict | None, cache: dict, engines: dict, args) -> None:
     if route:
         print(f"\na. {args.prompts} concurrent generate.route on 1 vLLM replica vs the engine called directly "
               f"(max_tokens={args.max_tokens}, greedy, median of {args.rounds})")
-        print(f"   {'':40}{'tokens/s':>10}{'vs direct':>11}{'wall ms':>9}{'engine ms':>11}{'one batch':>11}"
-              "  engine batch sizes (last round)")
+        print(f"   {'':28}{'tokens/s':>10}{'vs direct':>11}{'wall ms':>9}{'engine ms':>11}{'hand-over':>11}"
+              f"{'steps':>7}  requests in the first step, per round")
         for name, row in route.items():
             mark = "" if not name.startswith("route") else ("  ok" if row["ratio_vs_direct"] >= TARGET_ROUTE_RATIO else "  MISS")
-            whole = sum(len(sizes) == 1 for sizes in row["engine_batches"])
-            print(f"   {name:40}{row['tokens_per_s']:10.0f}{row['ratio_vs_direct']:11.2f}"
-                  f"{row['wall_s'] * 1e3:9.0f}{row['engine_s'] * 1e3:11.0f}{whole:>7}/{len(row['engine_batches'])}"
-                  f"   {row['engine_batches'][-1]}{mark}")
-        print(f"   target route/direct >= {TARGET_ROUTE_RATIO}. engine ms: inside engine.generate (in the replica "
-              "for route; medians); wall - engine: everything else.")
-        print("   one batch: rounds in which all prompts reached the engine together (the Policy starts the "
-              "engine on the first request to arrive; the rest wait for that batch to finish)")
+            replica = ""
+            if "engine_s" in row:
+                replica = (f"{row['engine_s'] * 1e3:11.0f}{row['handover_s'] * 1e3:11.0f}"
+                           f"{statistics.median(row['engine_steps']):7.0f}  {row['first_step_requests']}")
+            print(f"   {name:28}{row['tokens_per_s']:10.0f}{row['ratio_vs_direct']:11.2f}"
+                  f"{row['wall_s'] * 1e3:9.0f}{replica}{mark}")
+        direct = route["direct engine, one batch"]["tokens_per_s"]
+        for name, row in list(route.items())[1:]:
+            print(f"   {name}, each round vs direct: {[round(rate / direct, 2) for rate in row['rounds']]}")
+        print(f"   target route/direct >= {TARGET_ROUTE_RATIO}. In the replica (medians): engine ms inside engine "
+              "steps, hand-over ms to its worker thread and back; wall - both: messages, the service, waiting "
+              "for arrivals. A step is one token for every running request; later requests join at the next one.")
 
     for engine_name, rows in cache.items():
         print(f"\nb. {args.conversations} conversations x {args.turns} turns at once, 2 replicas, {engine_name} engine")
@@ -347,19 +371,28 @@ async def main(args) -> None:
     reset = CacheReset()
     has_vllm = importlib.util.find_spec("vllm") is not None and not args.no_vllm
 
+    parts = set(args.only or "abc")
+    if "a" in parts and not has_vllm:
+        print("a. skipped: it measures the vLLM engine, which is not installed here (or --no-vllm)")
+
     route, cache, engine_rows = None, {}, {}
     engines = {}
-    if has_vllm:
+    if has_vllm and parts & {"a", "c"}:
         engines["vllm"] = await asyncio.to_thread(make_engine, ENGINE_CONFIGS["vllm"], seed=0)
+    if has_vllm and "a" in parts:
         route = await measure_route_vs_direct(args, prompts, engines["vllm"], reset)
-    engines["transformers"] = await asyncio.to_thread(make_engine, ENGINE_CONFIGS["transformers"], seed=0)
-    engine_rows = await measure_engines(args, prompts, engines)
+    if "c" in parts:
+        engines["transformers"] = await asyncio.to_thread(make_engine, ENGINE_CONFIGS["transformers"], seed=0)
+        engine_rows = await measure_engines(args, prompts, engines)
 
-    conversation_questions = questions[args.prompts :]
-    for engine_name in ["transformers"] + (["vllm"] if has_vllm else []):
-        cache[engine_name] = await measure_cache_reuse(args, engine_name, tokenizer, conversation_questions, reset)
+    if "b" in parts:
+        conversation_questions = questions[args.prompts :]
+        for engine_name in ["transformers"] + (["vllm"] if has_vllm else []):
+            cache[engine_name] = await measure_cache_reuse(args, engine_name, tokenizer, conversation_questions, reset)
 
     print_report(route, cache, engine_rows, args)
+    if args.only:  # a partial run must not overwrite the full results
+        return
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
@@ -379,4 +412,6 @@ if __name__ == "__main__":
     parser.add_argument("--conversations", type=int, default=16)
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--no-vllm", action="store_true", help="transformers engine only")
+    parser.add_argument("--only", choices=["a", "b", "c"],
+                        help="run one part (a: route vs direct, b: KV-cache reuse, c: engines); writes no json")
     asyncio.run(main(parser.parse_args()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 import subprocess
 import sys
 import warnings
@@ -153,6 +154,20 @@ def test_transformers_completions_are_well_formed(tf_engine):
     check_well_formed(completions, prompts, n=3, max_tokens=12, tokenizer=tf_engine.tokenizer)
 
 
+def test_a_completion_survives_pickling_with_its_tensors(tf_engine):
+    # Completions travel between processes in every Policy reply.
+    completion = tf_engine.generate(["Pickle me"], SamplingConfig(max_tokens=6))[0][0]
+    completion.replica = 1
+    copy = pickle.loads(pickle.dumps(completion))
+    for name in ("prompt_ids", "token_ids", "logprobs"):
+        original, restored = getattr(completion, name), getattr(copy, name)
+        assert isinstance(restored, torch.Tensor) and restored.dtype == original.dtype
+        assert torch.equal(restored, original)
+    assert (copy.text, copy.prompt, copy.stop_reason, copy.replica) == (
+        completion.text, completion.prompt, completion.stop_reason, 1
+    )
+
+
 def test_transformers_logprobs_match_a_full_forward_pass(tf_engine, hf_model):
     # Batched, left-padded decoding and cache reuse must not change the numbers.
     prompts = ["short", "a longer prompt than the first one"]
@@ -255,6 +270,22 @@ def test_prompt_longer_than_the_context_is_refused(tf_engine):
         tf_engine.generate(["x" * 600], SamplingConfig())
     with pytest.raises(ValueError, match="empty"):
         tf_engine.generate([""], SamplingConfig())
+
+
+def test_transformers_steps_run_everything_added_as_one_batch_per_sampling_config(tf_engine):
+    # How the Policy serves with this engine: add_request, then step.
+    greedy = SamplingConfig(max_tokens=6, temperature=0.0)
+    with pytest.raises(ValueError, match="600 tokens"):
+        tf_engine.add_request("x" * 600, greedy)  # refused when added, so only its caller fails
+    first = tf_engine.add_request("Hello", greedy)
+    second = tf_engine.add_request("Hello", greedy.with_overrides(n=2, max_tokens=3))
+    finished = tf_engine.step()
+    assert set(finished) == {first, second}  # both sampling configs ran in the one step
+    assert len(finished[first]) == 1 and len(finished[second]) == 2
+    assert all(len(c.token_ids) <= 3 for c in finished[second])
+    alone = tf_engine.generate(["Hello"], greedy)[0][0]
+    assert finished[first][0].token_ids.tolist() == alone.token_ids.tolist()
+    assert tf_engine.step() == {}  # nothing was left behind
 
 
 def test_generation_stops_at_the_context_length(tf_engine):
@@ -462,7 +493,33 @@ def test_vllm_stop_string(vllm_engine):
 @requires_vllm
 def test_vllm_prompt_longer_than_the_context_is_refused(vllm_engine):
     with pytest.raises(ValueError, match=f"600 tokens.*{MAX_MODEL_LEN} tokens"):
-        vllm_engine.generate(["x" * 600], SamplingConfig())
+        vllm_engine.generate(["Fine", "x" * 600], SamplingConfig())
+    with pytest.raises(ValueError, match="600 tokens"):
+        vllm_engine.add_request("x" * 600, SamplingConfig())
+    # Nothing of the refused calls stayed in the engine.
+    assert len(vllm_engine.generate(["Fine"], SamplingConfig(max_tokens=2))[0][0].token_ids) <= 2
+
+
+@pytest.mark.slow
+@requires_vllm
+def test_vllm_a_request_added_mid_generation_finishes_before_the_long_one(vllm_engine):
+    # Continuous batching: a request added between steps joins the running
+    # sequences at the next step instead of waiting for them to finish.
+    greedy = SamplingConfig(max_tokens=40, temperature=0.0)
+    long_request = vllm_engine.add_request("A long answer", greedy)
+    finished = {}
+    for _ in range(3):
+        finished.update(vllm_engine.step())
+    short_request = vllm_engine.add_request("A short one", SamplingConfig(n=2, max_tokens=2, seed=0))
+    while short_request not in finished:
+        finished.update(vllm_engine.step())
+    assert long_request not in finished
+    while long_request not in finished:
+        finished.update(vllm_engine.step())
+    assert [len(c.token_ids) for c in finished[short_request]] == [2, 2]
+    long_answer = finished[long_request][0]
+    assert long_answer.stop_reason == "length" and len(long_answer.token_ids) == 40
+    assert long_answer.prompt == "A long answer" and long_answer.logprobs.shape == (40,)
 
 
 @pytest.mark.slow

@@ -95,6 +95,24 @@ async def test_update_weights_serves_the_new_version_and_new_replicas_start_ther
         await Policy.shutdown(fresh)
 
 
+async def test_a_weight_update_among_generations_answers_everyone(policy, store, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    store.put(3, perturbed(AutoModelForCausalLM.from_pretrained(tiny_model).state_dict(), seed=3))
+    served_before = await policy.get_version.call_one()
+    results = await asyncio.gather(
+        *(policy.generate.call_one(f"before {i}") for i in range(4)),
+        policy.update_weights.call_one(3),
+        *(policy.generate.call_one(f"after {i}") for i in range(4)),
+    )
+    assert results[4] is None
+    completions = [c for answer in results[:4] + results[5:] for c in answer]
+    assert len(completions) == 16  # nobody was left waiting or dropped
+    # Stamped with the weights it ran on: the old version or the new one.
+    assert {c.generator_version for c in completions} <= {served_before, 3}
+    assert await policy.get_version.call_one() == 3
+
+
 @pytest.mark.slow
 async def test_service_replicas_are_numbered_and_sample_differently(tiny_model, store):
     service = await Policy.options(procs=1, num_replicas=2).as_service(

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from forge_lite.actors.engines.base import Completion, Engine, SamplingConfig, check_prompt_fits
+from forge_lite.actors.engines.base import BatchEngine, Completion, SamplingConfig, check_prompt_fits
 
 
 @dataclass
@@ -117,8 +117,11 @@ class _Sample:
     stop_reason: str | None = None
 
 
-class TransformersEngine(Engine):
-    """Generation with a Hugging Face causal LM, batched, with a prefix KV cache."""
+class TransformersEngine(BatchEngine):
+    """Generation with a Hugging Face causal LM, batched, with a prefix KV cache.
+
+    Serving through `add_request`/`step` runs a whole batch per step (see
+    `BatchEngine`); vLLM lets new requests join between tokens instead."""
 
     def __init__(
         self,
@@ -132,6 +135,7 @@ class TransformersEngine(Engine):
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        super().__init__()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto":
             # float32 on CPU: bf16 matmuls are slow on most CPUs and gain nothing here.

@@ -6,6 +6,9 @@ kit's `Engine` interface:
 
 - the engine runs inside the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`),
   so a Monarch actor owns its engine and nothing else has to be spawned;
+- the Policy drives vLLM's own step loop (`LLMEngine.add_request` and
+  `step`), so requests that arrive while others generate join them at the
+  next token; `generate` is the same loop run until its prompts finish;
 - every engine gets its own sampling seed: vLLM's default seed is the same
   everywhere, and replicas would otherwise return identical samples;
 - weights are replaced in place through each worker's `reload_weights`, which
@@ -18,6 +21,7 @@ sets up its own environment, which must be configured first.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -54,6 +58,9 @@ class VLLMEngine(Engine):
 
         self.llm = LLM(model=model, seed=seed, enable_prefix_caching=True, **engine_args)
         self.weight_version = 0
+        # Requests in vLLM: id -> (prompt, prompt token ids), for their Completions.
+        self._running: dict[int, tuple[str, list[int]]] = {}
+        self._request_ids = itertools.count()
 
     @property
     def max_model_len(self) -> int:
@@ -64,8 +71,8 @@ class VLLMEngine(Engine):
         return self.llm.get_tokenizer()
 
     def reset_prefix_cache(self) -> None:
-        # Generation is synchronous here, so no request is running and the reset
-        # cannot be refused (it returns False only while requests run).
+        # vLLM refuses (returns False) while requests run; the Policy loads
+        # weights only once the requests in the engine have finished.
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache while requests were running")
 
@@ -79,13 +86,40 @@ class VLLMEngine(Engine):
         self.reset_prefix_cache()
 
     def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Completion]]:
-        from vllm import SamplingParams, TokensPrompt
+        # Every prompt is checked before any starts, so a bad one fails the call cleanly.
+        prompt_ids = [self._encode(prompt) for prompt in prompts]
+        request_ids = [self._add(prompt, ids, sampling) for prompt, ids in zip(prompts, prompt_ids)]
+        finished: dict[int, list[Completion]] = {}
+        while self._running:
+            finished.update(self.step())
+        return [finished[request_id] for request_id in request_ids]
 
-        # Tokenize here so a too-long prompt fails with the kit's error, and vLLM
-        # does not tokenize a second time.
-        prompt_ids = [self.tokenizer(prompt)["input_ids"] for prompt in prompts]
-        for ids in prompt_ids:
-            check_prompt_fits(ids, self.max_model_len)
+    def add_request(self, prompt: str, sampling: SamplingConfig) -> int:
+        return self._add(prompt, self._encode(prompt), sampling)
+
+    def step(self) -> dict[int, list[Completion]]:
+        try:
+            outputs = self.llm.llm_engine.step()
+        except BaseException:
+            # Leave no request behind in vLLM: its caller gets this error.
+            self.llm.llm_engine.abort_request([str(request_id) for request_id in self._running])
+            self._running.clear()
+            raise
+        # FINAL_ONLY (see _add): an output only comes once its request is done,
+        # with all `n` samples.
+        return {int(output.request_id): self._completions(output) for output in outputs if output.finished}
+
+    def _encode(self, prompt: str) -> list[int]:
+        # Tokenized here so a too-long prompt fails with the kit's error, and
+        # vLLM does not tokenize a second time.
+        ids = self.tokenizer(prompt)["input_ids"]
+        check_prompt_fits(ids, self.max_model_len)
+        return ids
+
+    def _add(self, prompt: str, prompt_ids: list[int], sampling: SamplingConfig) -> int:
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
         params = SamplingParams(
             n=sampling.n,
             max_tokens=sampling.max_tokens,
@@ -94,28 +128,30 @@ class VLLMEngine(Engine):
             stop=sampling.stop,
             seed=sampling.seed,
             logprobs=0,  # 0: only the sampled token's logprob (raw logits, temperature 1)
+            # One output per request, when it is finished (the default streams every token).
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False
-        )
-        results = []
-        for prompt, ids, request in zip(prompts, prompt_ids, outputs):
-            results.append(
-                [
-                    Completion(
-                        text=sample.text,
-                        prompt=prompt,
-                        prompt_ids=torch.tensor(ids, dtype=torch.long),
-                        token_ids=torch.tensor(sample.token_ids, dtype=torch.long),
-                        logprobs=torch.tensor(
-                            [position[token].logprob for position, token in zip(sample.logprobs, sample.token_ids)],
-                            dtype=torch.float32,
-                        ),
-                        stop_reason=sample.finish_reason,
-                        generator_version=self.weight_version,
-                        num_cached_tokens=request.num_cached_tokens or 0,
-                    )
-                    for sample in request.outputs
-                ]
+        request_id = next(self._request_ids)
+        self.llm.llm_engine.add_request(str(request_id), TokensPrompt(prompt_token_ids=prompt_ids), params)
+        self._running[request_id] = (prompt, prompt_ids)
+        return request_id
+
+    def _completions(self, output) -> list[Completion]:
+        """The kit's Completions for one finished vLLM RequestOutput."""
+        prompt, prompt_ids = self._running.pop(int(output.request_id))
+        return [
+            Completion(
+                text=sample.text,
+                prompt=prompt,
+                prompt_ids=torch.tensor(prompt_ids, dtype=torch.long),
+                token_ids=torch.tensor(sample.token_ids, dtype=torch.long),
+                logprobs=torch.tensor(
+                    [position[token].logprob for position, token in zip(sample.logprobs, sample.token_ids)],
+                    dtype=torch.float32,
+                ),
+                stop_reason=sample.finish_reason,
+                generator_version=self.weight_version,
+                num_cached_tokens=output.num_cached_tokens or 0,
             )
-        return results
+            for sample in output.outputs
+        ]
