@@ -110,6 +110,8 @@ async def test_training_dashboard_follows_the_recorder():
     fig = dash.snapshot()
     reward_line = fig.axes[0].get_lines()[0]
     assert list(reward_line.get_ydata()) == [0.0, 0.2, 0.4]
+    mean_line = fig.axes[0].get_lines()[1]  # the 10-step mean drawn over it
+    assert list(mean_line.get_ydata()) == pytest.approx([0.0, 0.1, 0.2])
     assert len(dash._plot.value) > 1000  # a PNG was drawn
     assert repr(dash) == "TrainingDashboard(GRPO run)"
 

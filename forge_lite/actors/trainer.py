@@ -82,6 +82,11 @@ class TrainingConfig:
     # Gradient norm clip; GRPO's advantages can be large for small groups.
     max_norm: float = 1.0
     dtype: str = "float32"
+    # Learning rate rises linearly to its value over this many steps. Adam's
+    # first updates move every weight by about lr whatever the gradient; on
+    # noisy RL gradients that knocked the shipped model's sampled accuracy
+    # from 0.5 to 0.4 in its first 20 GRPO steps (measured without warm-up).
+    warmup_steps: int = 0
 
     @classmethod
     def from_dict(cls, config: dict | None) -> TrainingConfig:
@@ -166,6 +171,10 @@ class RLTrainer(ForgeActor):
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
         self.optimizer = build_optimizer(self.model.parameters(), self.optimizer_config)
+        warmup = self.training.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1))
+        )
 
     async def __cleanup__(self, exc: Exception | None) -> None:
         # Monarch calls this when the actor stops (RLTrainer.shutdown). The
@@ -215,6 +224,7 @@ class RLTrainer(ForgeActor):
             batch_loss += loss.item() * share
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.training.max_norm)
         self.optimizer.step()
+        self.scheduler.step()
         if self.world_size > 1:
             # Each rank summed its part of the batch mean; the sum over ranks
             # is the whole batch's, the same number on every rank.
