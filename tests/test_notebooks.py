@@ -40,7 +40,10 @@ def test_notebook_runs_under_nbval(notebook):
          "--nbval-cell-timeout=600", "--nbval-current-env", "-o", "testpaths=", "-o", "addopts=", str(notebook)],
         cwd=ROOT / "notebooks", capture_output=True, text=True,
         # A fresh kernel, as a learner has: no weight directory of earlier tests.
-        env={k: v for k, v in os.environ.items() if k != "FORGE_LITE_WEIGHTS_DIR"},
+        # FORGE_LITE_FAST: notebooks whose real run takes minutes (04's GRPO
+        # training) run a short version of it.
+        env={**{k: v for k, v in os.environ.items() if k != "FORGE_LITE_WEIGHTS_DIR"},
+             "FORGE_LITE_FAST": "1"},
     )
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
 
