@@ -14,6 +14,7 @@ import io
 
 import ipywidgets as w
 
+from forge_lite.grpo.recorder import trailing_mean
 from widgets.throttle import Throttle
 
 SPLIT_COLOURS = {"generate": "#1f77b4", "reward": "#ff7f0e", "reference": "#2ca02c",
@@ -115,8 +116,3 @@ class TrainingDashboard(w.VBox):
 
     def __repr__(self) -> str:
         return "TrainingDashboard(GRPO run)"
-
-
-def trailing_mean(values: list[float], width: int) -> list[float]:
-    """Mean of each value and up to ``width - 1`` values before it."""
-    return [sum(values[max(0, i - width + 1): i + 1]) / min(width, i + 1) for i in range(len(values))]

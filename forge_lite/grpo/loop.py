@@ -68,7 +68,7 @@ from forge_lite.grpo.config import GRPOConfig, load_config
 from forge_lite.grpo.dataset import DatasetActor
 from forge_lite.grpo.episode import Episode, Group
 from forge_lite.grpo.loss import grpo_loss
-from forge_lite.grpo.recorder import MetricsRecorder
+from forge_lite.grpo.recorder import MetricsRecorder, trailing_mean
 from forge_lite.grpo.reward_actor import RewardActor
 
 REWARD_FUNCTIONS = {"math": MathReward, "thinking": ThinkingReward}
@@ -632,7 +632,7 @@ def plot_reward_curve(result: GRPOResult, path: str) -> None:
                                        ("accuracy", "sampled accuracy", "#1565c0", "--")):
         values = recorder.series(name)
         ax.plot(steps, values, color=colour, alpha=0.25, linewidth=1)
-        ax.plot(steps, moving_average(values, 10), color=colour, linewidth=2, linestyle=style,
+        ax.plot(steps, trailing_mean(values, 10), color=colour, linewidth=2, linestyle=style,
                 label=f"{label} (10-step mean)")
     if result.eval_accuracy_before is not None:
         ax.axhline(result.eval_accuracy_before, color="#757575", linestyle=":",
@@ -646,9 +646,3 @@ def plot_reward_curve(result: GRPOResult, path: str) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-
-
-def moving_average(values: list[float], width: int) -> list[float]:
-    """Trailing mean over up to ``width`` values."""
-    return [sum(values[max(0, i - width + 1): i + 1]) / len(values[max(0, i - width + 1): i + 1])
-            for i in range(len(values))]

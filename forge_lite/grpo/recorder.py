@@ -80,3 +80,9 @@ class MetricsRecorder:
     def series(self, name: str) -> list:
         """One column of the step table, e.g. ``series("reward_mean")``."""
         return [getattr(s, name) for s in self.steps]
+
+
+def trailing_mean(values: list[float], width: int) -> list[float]:
+    """Mean of each value and up to ``width - 1`` values before it: a step's
+    reward is noise around the trend, which this shows."""
+    return [sum(values[max(0, i - width + 1): i + 1]) / min(width, i + 1) for i in range(len(values))]
