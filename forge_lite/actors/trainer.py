@@ -241,15 +241,17 @@ class RLTrainer(ForgeActor):
         reach the same verdict, or those that go on wait forever in the
         gradient all-reduce for those that raised.
         """
-        merged_inputs, merged_targets = merge_dp_chunks(inputs, targets)
-        if merged_inputs["tokens"].shape[1] > self.training.seq_len:
+        check_dp_chunks(inputs, targets)
+        width = max(chunk["tokens"].shape[1] for chunk in inputs)
+        if width > self.training.seq_len:
             raise ValueError(
-                f"batch sequences are {merged_inputs['tokens'].shape[1]} tokens (request_len + "
+                f"batch sequences are {width} tokens (request_len + "
                 f"response_len) but training seq_len is {self.training.seq_len}; raise "
                 "training['seq_len'] or use shorter episodes"
             )
-        global_batch_size = merged_inputs["tokens"].shape[0]
+        global_batch_size = sum(chunk["tokens"].shape[0] for chunk in inputs)
         if self.world_size == 1:
+            merged_inputs, merged_targets = merge_dp_chunks(inputs, targets)
             return merged_inputs, merged_targets, global_batch_size
         if len(inputs) != self.world_size:
             raise ValueError(
@@ -310,8 +312,8 @@ def build_optimizer(parameters, config: dict) -> torch.optim.Optimizer:
     return optimizer_class(parameters, **options)
 
 
-def merge_dp_chunks(inputs: list[dict], targets: list[dict]) -> tuple[dict, dict]:
-    """One batch from the collate's per-rank chunks, concatenated along the batch."""
+def check_dp_chunks(inputs: list[dict], targets: list[dict]) -> None:
+    """``(inputs, targets)`` must be the collate's lists of per-rank chunks."""
     if not isinstance(inputs, list) or not isinstance(targets, list):
         raise TypeError(
             "train_step takes (inputs, targets), each a list with one dict per dp chunk, "
@@ -322,6 +324,10 @@ def merge_dp_chunks(inputs: list[dict], targets: list[dict]) -> tuple[dict, dict
             f"inputs and targets need one dict per dp chunk each, got {len(inputs)} and "
             f"{len(targets)}"
         )
+
+
+def merge_dp_chunks(inputs: list[dict], targets: list[dict]) -> tuple[dict, dict]:
+    """One batch from the collate's per-rank chunks, concatenated along the batch."""
 
     def concat(chunks: list[dict]) -> dict:
         return {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}

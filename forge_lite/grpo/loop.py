@@ -381,7 +381,7 @@ class GRPOResult:
     eval_accuracy_after: float | None
     startup_s: float  # starting every service
     train_s: float  # from the first rollout to the last training step
-    wall_s: float  # the whole run, shutdown included
+    wall_s: float  # from start() to the end of the last evaluation
     output_dir: str
     curve_path: str = ""
     metrics_path: str = ""
@@ -588,7 +588,6 @@ async def run_grpo(
         result = await run.train()
     finally:
         await run.shutdown()
-    result.wall_s = time.perf_counter() - run._began
     return result
 
 
