@@ -11,7 +11,9 @@ import forge_lite  # noqa: F401
 from forge_lite import ForgeActor
 from monarch.actor import endpoint
 
+from forge_lite.controller.service.events import ReplicaStateChanged
 from widgets import ServiceDashboard
+from widgets.service_view import SHOW_FAILED_S, STALE_FAILURE_S, ServiceView
 
 
 class Echo(ForgeActor):
@@ -52,7 +54,9 @@ async def test_dashboard_follows_routing_sessions_and_a_killed_replica():
         assert states[-3:] == ["FAILED", "RECOVERING", "HEALTHY"]
         card = dash.view.cards[1]
         assert card.state == "HEALTHY" and card.reason.startswith("respawned in")
+        await asyncio.sleep(SHOW_FAILED_S + 0.3)  # the failure stays drawn a moment, then the redraw
         assert "fl-replica-healthy" in dash._cards.value and "respawned in" in dash._cards.value
+        assert "fl-replica-failed" not in dash._cards.value
         assert dash.view.failures and dash.view.failures[-1][1] == 1
 
         await svc.scale(4)
@@ -71,6 +75,28 @@ async def test_dashboard_follows_routing_sessions_and_a_killed_replica():
     finally:
         await svc.shutdown()
     assert dash.view.stopped and all(b.disabled for b in dash._controls.children)
+
+
+def test_a_failure_is_drawn_even_when_the_replica_recovered_before_the_redraw():
+    view = ServiceView(capacity=1)
+    for t, old, new in [(0.0, None, "HEALTHY"), (10.0, "HEALTHY", "FAILED"),
+                        (10.01, "FAILED", "RECOVERING"), (10.5, "RECOVERING", "HEALTHY")]:
+        view.observe(ReplicaStateChanged(replica=0, old=old, new=new, reason=new.lower(), time=t))
+    card = view.cards[0]
+    assert card.state == "HEALTHY"
+    # The first redraw comes 3 s late (a busy kernel): it still shows the failure,
+    # for SHOW_FAILED_S from then, and says what the replica is now.
+    assert card.shown_state(13.0) == "FAILED" and card.failure_lingering(13.0)
+    assert card.shown_state(13.0 + SHOW_FAILED_S - 0.1) == "FAILED"
+    assert card.shown_state(13.0 + SHOW_FAILED_S + 0.1) == "HEALTHY"
+    assert not card.failure_lingering(13.0 + SHOW_FAILED_S + 0.1)
+
+    # A dashboard opened long after a failure (its history replayed) does not replay it.
+    late = ServiceView(capacity=1)
+    for event in [ReplicaStateChanged(replica=0, old=None, new="FAILED", reason="killed", time=0.0),
+                  ReplicaStateChanged(replica=0, old="FAILED", new="HEALTHY", reason="back", time=1.0)]:
+        late.observe(event)
+    assert late.cards[0].shown_state(STALE_FAILURE_S + 5) == "HEALTHY"
 
 
 @pytest.mark.timeout(120)

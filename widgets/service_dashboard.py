@@ -116,8 +116,8 @@ class ServiceDashboard(w.VBox):
         ) + "</div>"
         self._kv.value = self._kv_html()
         self._log.value = self._log_html()
-        flashing = [c for c in view.cards.values() if c.flashing(now)]
-        if flashing and not view.stopped:  # redraw when FAILED stops lingering, and after the flash
+        changing = [c for c in view.cards.values() if c.flashing(now) or c.failure_lingering(now)]
+        if changing and not view.stopped:  # redraw when FAILED stops lingering, and after the flash
             try:
                 loop = asyncio.get_running_loop()
                 loop.call_later(SHOW_FAILED_S + 0.05, self._throttle)

@@ -28,9 +28,11 @@ STATE_COLOURS = {
     "STOPPED": "#616161",
 }
 FLASH_S = 2.0  # how long a card stays highlighted after its state changes
-# A replica can go FAILED -> RECOVERING within milliseconds; its card keeps
-# saying FAILED this long, so a person (or a browser test) can see it.
+# A replica can go FAILED -> RECOVERING -> HEALTHY in under a second, faster
+# than the dashboard may redraw; its card says FAILED this long from the first
+# drawing that shows the failure, so a person (or a browser test) sees it.
 SHOW_FAILED_S = 2.0
+STALE_FAILURE_S = 30.0  # a failure first drawn later than this is not shown again
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Card:
     reason: str = "starting"
     changed_at: float = 0.0
     failed_at: float | None = None
+    failure_drawn_at: float | None = None  # when a drawing first showed the latest failure
     in_flight: int = 0
     capacity: int = 0
     served: int = 0
@@ -52,10 +55,22 @@ class Card:
     cached_tokens: int = 0
 
     def shown_state(self, now: float) -> str:
-        """The state the card shows: FAILED lingers briefly into RECOVERING."""
-        if self.state == "RECOVERING" and self.failed_at is not None and now - self.failed_at < SHOW_FAILED_S:
+        """The state to draw now. Call it when drawing: a failure is drawn for
+        SHOW_FAILED_S from the first drawing that shows it, even when the
+        replica has already recovered by then."""
+        if self.failed_at is None or self.state in ("FAILED", "STOPPED"):
+            return self.state
+        if self.failure_drawn_at is None:
+            if now - self.failed_at > STALE_FAILURE_S:  # e.g. replayed history: old news
+                return self.state
+            self.failure_drawn_at = now
+        if now - self.failure_drawn_at < SHOW_FAILED_S:
             return "FAILED"
         return self.state
+
+    def failure_lingering(self, now: float) -> bool:
+        """True while the card still says FAILED for a replica that has moved on."""
+        return self.state not in ("FAILED", "STOPPED") and self.shown_state(now) == "FAILED"
 
     def css_class(self, now: float) -> str:
         return f"fl-replica-{self.shown_state(now).lower()}"
@@ -142,7 +157,7 @@ class ServiceView:
             card = self.card(event.replica)
             card.state, card.reason, card.changed_at = event.new, event.reason, event.time
             if event.new == "FAILED":
-                card.failed_at = event.time
+                card.failed_at, card.failure_drawn_at = event.time, None
                 self.failures.append((event.time, event.replica))
         elif isinstance(event, RequestRetried):
             self.rows.append(
