@@ -18,7 +18,7 @@ import forge_lite  # noqa: F401  (before monarch)
 from forge_lite.actors.hf_model import causal_lm_logits, load_causal_lm, resolve_model
 from forge_lite.actors.reference_model import ReferenceModel
 from forge_lite.actors.replay_buffer import ReplayBuffer
-from forge_lite.actors.trainer import RLTrainer, build_optimizer, merge_dp_chunks
+from forge_lite.actors.trainer import RLTrainer, TrainingConfig, build_optimizer, merge_dp_chunks
 from forge_lite.actors.weights import WEIGHTS_DIR_ENV, WeightStore
 from forge_lite.assets import DEFAULT_MODEL
 from forge_lite.data.rewards import MathReward, ThinkingReward
@@ -252,3 +252,12 @@ def test_optimizer_is_built_from_its_config():
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.5
     with pytest.raises(ValueError, match="torch.optim"):
         build_optimizer([weight], {"name": "Adamm", "lr": 0.5})
+
+
+def test_learning_rate_warms_up_then_falls_to_zero():
+    schedule = TrainingConfig(warmup_steps=4, decay_steps=100)
+    assert schedule.lr_factor(0) == pytest.approx(0.2)  # 1/5 of lr on the first step
+    assert schedule.lr_factor(4) == pytest.approx(0.96)  # warmed up, 4% into the decay
+    assert schedule.lr_factor(50) == pytest.approx(0.5)
+    assert schedule.lr_factor(100) == 0.0 and schedule.lr_factor(150) == 0.0
+    assert TrainingConfig().lr_factor(10_000) == 1.0  # no warm-up, no decay: constant

@@ -9,7 +9,7 @@ import torch
 from forge_lite.actors.replay_buffer import LocalReplayBuffer
 from forge_lite.grpo import Episode, Group, create_episode_from_grpo_data, episode_from_completion
 from forge_lite.grpo.advantages import group_advantages
-from forge_lite.grpo.collate import grpo_collate
+from forge_lite.grpo.collate import drop_padding_columns, grpo_collate
 from forge_lite.grpo.loss import grpo_loss, response_logprobs
 
 PAD = 0
@@ -140,6 +140,44 @@ def test_collate_shapes_and_dp_chunks():
     assert inputs[0]["tokens"][0].tolist() == [PAD, 5, 6, 7, 8, 9, PAD]
     assert targets[0]["padding_mask"][0].tolist() == [True, True, False]
     assert targets[0]["ref_logprobs"][0].tolist() == [-1.0, -1.0, 0.0]
+
+
+def test_dropping_padding_columns_keeps_every_real_tokens_logprob():
+    from forge_lite.actors.hf_model import causal_lm_logits, load_causal_lm, load_tokenizer
+    from forge_lite.assets import DEFAULT_MODEL
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    model = load_causal_lm(DEFAULT_MODEL, "float32", torch.device("cpu"))
+    texts = [("What is 2 + 3?", "<think>2 + 3 = 5</think><answer>5</answer>"),
+             ("A box holds 66 books. Sam takes out 21. How many are left?", "<answer>45</answer>")]
+    episodes = []
+    for number, (question, answer) in enumerate(texts):
+        episode = make_episode(
+            f"e{number}", request_tokens=tokenizer.encode(question), response_tokens=tokenizer.encode(answer),
+            request_len=40, response_len=30,
+        )
+        episode.pad_id = tokenizer.pad_token_id
+        episodes.append(episode)
+    (batch,), (target,) = grpo_collate(episodes)
+    trimmed, trimmed_target = drop_padding_columns(batch, target)
+
+    longest_request = max(len(e.request_tokens) for e in episodes)
+    longest_response = max(len(e.response_tokens) for e in episodes)
+    assert trimmed["tokens"].shape == (2, longest_request + longest_response)
+    assert trimmed_target["response"].shape == trimmed_target["padding_mask"].shape == (2, longest_response)
+    assert trimmed_target["ref_logprobs"].shape == (2, longest_response)
+    assert torch.equal(trimmed_target["advantages"], target["advantages"])
+
+    with torch.no_grad():
+        full = response_logprobs(causal_lm_logits(model, batch["tokens"], batch["attention_mask"]),
+                                 batch["tokens"], 40)
+        short = response_logprobs(causal_lm_logits(model, trimmed["tokens"], trimmed["attention_mask"]),
+                                  trimmed["tokens"], longest_request)
+    real = target["padding_mask"][:, :longest_response].bool()
+    assert torch.allclose(full[:, :longest_response][real], short[real], atol=1e-5)
+    # Nothing to drop: the batch comes back the same.
+    again, _ = drop_padding_columns(trimmed, trimmed_target)
+    assert torch.equal(again["tokens"], trimmed["tokens"])
 
 
 def test_collate_rejects_what_cannot_batch():

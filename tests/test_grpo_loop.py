@@ -30,7 +30,7 @@ from forge_lite.data.rewards import MathReward, ThinkingReward
 from forge_lite.grpo import ComputeAdvantages, DatasetActor, Episode, Group, RewardActor
 from forge_lite.grpo.__main__ import main as cli_main
 from forge_lite.grpo.config import GRPOConfig, load_config
-from forge_lite.grpo.loop import run_grpo
+from forge_lite.grpo.loop import MAX_UNIFORM_IN_A_ROW, RolloutWindow, Services, rollout_group, run_grpo
 from forge_lite.grpo.recorder import MetricsRecorder
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -195,6 +195,49 @@ async def test_a_weight_sync_changes_the_policys_version_and_answers(components)
 
 
 # ---------------------------------------------------------------- run_grpo
+
+
+class SameForEveryone:
+    """A reward function that scores every response 0.5: each group it scores is uniform."""
+
+    def __call__(self, prompt: str, response: str, target: str) -> float:
+        return 0.5
+
+
+@pytest.mark.slow
+async def test_a_group_with_equal_rewards_is_skipped_but_counted(components):
+    reward_actor = await RewardActor.options(procs=1, num_replicas=1).as_service(
+        reward_functions=[SameForEveryone()]
+    )
+    try:
+        services = Services(**{**components, "reward_actor": reward_actor})
+        pad_id = await components["dataloader"].pad_token.call_one()
+        buffer = components["replay_buffer"]
+        await buffer.clear.call_one()
+        for skip, added, skipped in ((True, 0, 1), (False, 2, 0)):
+            config = GRPOConfig.from_dict({
+                "group_size": 2, "skip_uniform_groups": skip,
+                "policy": {"max_tokens": 32}, "data": {"request_len": 96},
+            })
+            window = RolloutWindow()
+            await rollout_group(services, config, pad_id, window, behaviour_kl={})
+            # Scored either way: the step's reward describes every response.
+            assert window.rewards == [0.5, 0.5] and len(window.correct) == 2
+            assert window.skipped_groups == skipped
+            assert await buffer.numel.call_one() == added
+
+        # A reward that never tells responses apart would leave the trainer waiting forever.
+        window = RolloutWindow()
+        window.uniform_in_a_row = MAX_UNIFORM_IN_A_ROW - 1
+        config = GRPOConfig.from_dict({
+            "group_size": 2, "skip_uniform_groups": True,
+            "policy": {"max_tokens": 32}, "data": {"request_len": 96},
+        })
+        with pytest.raises(RuntimeError, match="skip_uniform_groups=false"):
+            await rollout_group(services, config, pad_id, window, behaviour_kl={})
+    finally:
+        await components["replay_buffer"].clear.call_one()
+        await reward_actor.shutdown()
 
 
 def finite(value) -> bool:

@@ -64,6 +64,7 @@ from torch.nn.parallel import DistributedDataParallel
 from forge_lite.actors.hf_model import causal_lm_logits, default_device, load_causal_lm
 from forge_lite.actors.weights import WEIGHTS_DIR_ENV, WeightStore
 from forge_lite.controller import ForgeActor
+from forge_lite.grpo.collate import drop_padding_columns
 from forge_lite.grpo.loss import grpo_loss, response_logprobs
 from monarch.actor import current_rank, current_size, endpoint
 
@@ -87,6 +88,17 @@ class TrainingConfig:
     # noisy RL gradients that knocked the shipped model's sampled accuracy
     # from 0.5 to 0.4 in its first 20 GRPO steps (measured without warm-up).
     warmup_steps: int = 0
+    # Then, if set, the learning rate falls linearly to 0 at this step. On a
+    # noisy RL gradient a constant rate keeps the weights wandering once the
+    # reward has stopped climbing; a falling one lets them settle.
+    decay_steps: int | None = None
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at optimizer step ``step`` (from 0), as a share of ``lr``."""
+        factor = min(1.0, (step + 1) / (self.warmup_steps + 1))
+        if self.decay_steps:
+            factor *= max(0.0, 1.0 - step / self.decay_steps)
+        return factor
 
     @classmethod
     def from_dict(cls, config: dict | None) -> TrainingConfig:
@@ -171,10 +183,7 @@ class RLTrainer(ForgeActor):
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
         self.optimizer = build_optimizer(self.model.parameters(), self.optimizer_config)
-        warmup = self.training.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1))
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.training.lr_factor)
 
     async def __cleanup__(self, exc: Exception | None) -> None:
         # Monarch calls this when the actor stops (RLTrainer.shutdown). The
@@ -187,6 +196,7 @@ class RLTrainer(ForgeActor):
     def train_step(self, inputs: list[dict], targets: list[dict]) -> float:
         """One optimizer step on the batch; returns the whole batch's loss before the step."""
         batch, target, global_batch_size = self._my_part(inputs, targets)
+        batch, target = drop_padding_columns(batch, target)
         device = next(self.model.parameters()).device
         tokens = batch["tokens"].to(device)
         attention_mask = batch.get("attention_mask")

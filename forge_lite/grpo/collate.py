@@ -76,3 +76,33 @@ def grpo_collate(episodes: list[Episode], dp_size: int = 1) -> tuple[list[dict],
             }
         )
     return inputs, targets
+
+
+def drop_padding_columns(batch: dict, target: dict) -> tuple[dict, dict]:
+    """The same batch without the columns that are padding in every row.
+
+    Episodes are padded to the longest request and response the run allows
+    (96 + 32 tokens in the tiny config), but a batch's real tokens often span
+    far fewer columns; a model's cost grows with the columns it runs. Only
+    whole columns of padding go: the left padding every request has, and the
+    response columns after the batch's longest response. Padding is masked
+    out and positions count real tokens only, so the logprobs of the real
+    tokens do not change.
+    """
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return batch, target
+    response_len = target["response"].shape[1]
+    request_len = batch["tokens"].shape[1] - response_len
+    real_columns = mask.bool().any(dim=0)
+    # The first column any row uses; the trainer needs one request column at least.
+    first = min(int(real_columns.nonzero()[0]), request_len - 1) if real_columns.any() else 0
+    used = target["padding_mask"].bool().any(dim=0).nonzero()
+    keep = int(used[-1]) + 1 if len(used) else 1  # response columns up to the last real token
+    end = request_len + keep
+    batch = {**batch, "tokens": batch["tokens"][:, first:end], "attention_mask": mask[:, first:end]}
+    target = {
+        key: value[:, :keep] if key in ("response", "ref_logprobs", "padding_mask") else value
+        for key, value in target.items()
+    }
+    return batch, target

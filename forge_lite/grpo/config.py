@@ -71,6 +71,7 @@ class TrainerConfig:
     max_norm: float = 1.0  # gradient clip
     local_batch_size: int | None = None  # micro-batch size; None: the whole batch at once
     warmup_steps: int = 0  # steps of linear learning-rate warm-up
+    lr_decay: bool = False  # after the warm-up, fall linearly to 0 by the last step
     dtype: str = "float32"
     with_gpus: bool = False
     # Data-parallel processes (DDP; one GPU each with with_gpus). Each step's
@@ -107,6 +108,10 @@ class GRPOConfig:
     # current one are dropped unused; 0 is strictly on-policy.
     max_policy_age: int = 1
     num_rollout_tasks: int = 2  # concurrent rollout loops (prompts in flight)
+    # Leave out of the buffer a group whose responses all got the same reward:
+    # its advantages are all 0, so with beta = 0 it teaches nothing (with
+    # beta > 0 only the KL term), and it takes batch slots from groups that do.
+    skip_uniform_groups: bool = False
     eval_samples: int = 100  # held-out problems scored greedily before and after; 0: none
     output_dir: str | None = None  # None: a fresh directory under the system's temp dir
     progress: bool | None = None  # tqdm bar; None: only when stderr is a terminal

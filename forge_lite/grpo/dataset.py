@@ -11,7 +11,8 @@ each sample carries both forms:
 
 With no ``path`` the actor serves the math set the kit ships (offline, same
 layout as gsm8k); ``path="openai/gsm8k"`` loads the real one from the hub.
-When the data runs out, a new epoch starts in a new shuffled order.
+Every epoch, the first one too, serves the data in its own shuffled order,
+seeded by the epoch number so that runs repeat.
 """
 
 from __future__ import annotations
@@ -85,15 +86,18 @@ class DatasetActor(ForgeActor):
             self.path, self.revision, self.data_split, self.streaming
         )
         self.epoch = 0
-        self._rows = iter(self.dataset)
+        # The first epoch is shuffled too: a file's order is seldom random, and
+        # every run's first steps would see its start. (The shipped model got
+        # 45% of samples right on the shipped set's first 50 problems, 33% on
+        # the next 50, 41% over the first 600.)
+        self._rows = iter(self.dataset.shuffle(seed=self.epoch))
 
     @endpoint
     def sample(self) -> dict[str, Any]:
         """The next problem: ``request``, ``target``, and the raw ``question`` and ``answer``."""
         row = next(self._rows, None)
         if row is None:
-            # A new epoch, in an order of its own; the epoch number seeds it so
-            # that runs repeat.
+            # The epoch number seeds the order, so that runs repeat.
             self.epoch += 1
             self._rows = iter(self.dataset.shuffle(seed=self.epoch))
             row = next(self._rows, None)

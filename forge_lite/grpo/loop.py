@@ -14,12 +14,17 @@ loop:
 
 Neither waits for the other: the replay buffer sits between them, and its
 ``max_policy_age`` bounds how stale the data the trainer learns from may be.
+With ``skip_uniform_groups`` a group whose responses all got the same reward
+never reaches the buffer: its advantages are all 0, so it would only take
+batch slots from groups that teach something (DAPO's "dynamic sampling").
 Before and after training the policy answers held-out problems greedily;
 that accuracy is what the run is judged by.
 
-A step's metrics describe the batch it trained on: reward mean, accuracy
-(the share of responses with the right number in the answer tag), the
-episodes' ages and the KL. The KL is the k3 estimate the loss uses, averaged
+Reward mean and accuracy (the share of responses with the right number in
+the answer tag) describe every response scored since the previous step,
+skipped groups too, so they follow the policy, not the batch's selection
+(the batch's, when no group finished in between). The episodes' ages and the
+KL describe the batch the step trained on. The KL is the k3 estimate the loss uses, averaged
 per response and then over the batch, computed between the reference model
 and the *behaviour* policy (the logprobs the engine reported when it sampled
 each response, one weight version or so behind the trainer): the trainer's
@@ -38,6 +43,7 @@ From a terminal: ``python -m forge_lite.grpo --config configs/grpo_tiny.yaml``.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import json
 import os
@@ -126,6 +132,7 @@ async def start_services(config: GRPOConfig) -> Services:
                 "seq_len": c.data.request_len + response_len,
                 "max_norm": c.trainer.max_norm,
                 "warmup_steps": c.trainer.warmup_steps,
+                "decay_steps": c.steps if c.trainer.lr_decay else None,
                 "dtype": c.trainer.dtype,
             },
             loss=functools.partial(grpo_loss, beta=c.trainer.beta),
@@ -187,17 +194,30 @@ class RolloutWindow:
     """What the rollout tasks did since the last training step."""
 
     def __init__(self) -> None:
+        self.uniform_in_a_row = 0  # groups skipped since one reached the buffer (not per step)
+        self._start()
+
+    def _start(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)  # per phase, summed over tasks
         self.tokens = 0  # response tokens generated
+        self.rewards: list[float] = []  # of every response scored
+        self.correct: list[bool] = []
+        self.skipped_groups = 0  # groups left out of the buffer (all rewards equal)
 
     def add(self, phase: str, seconds: float) -> None:
         self.seconds[phase] += seconds
 
-    def take(self) -> tuple[dict, int]:
-        """The phase seconds and generated tokens so far; starts a new window."""
-        taken = (dict(self.seconds), self.tokens)
-        self.seconds, self.tokens = defaultdict(float), 0
+    def take(self) -> RolloutWindow:
+        """What was recorded so far; starts a new window."""
+        taken = copy.copy(self)
+        self._start()  # new counters; `taken` keeps the old ones
         return taken
+
+
+# With skip_uniform_groups, this many skipped groups in a row means the reward
+# cannot tell responses apart (the thinking reward on a model that always
+# thinks, say): the buffer would never fill and the trainer would wait forever.
+MAX_UNIFORM_IN_A_ROW = 100
 
 
 def k3_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
@@ -211,7 +231,8 @@ def k3_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
 async def rollout_group(
     s: Services, config: GRPOConfig, pad_id: int, window: RolloutWindow, behaviour_kl: dict
 ) -> Group:
-    """One prompt, ``group_size`` scored episodes with advantages, into the buffer."""
+    """One prompt, ``group_size`` scored episodes with advantages, into the buffer
+    (unless ``skip_uniform_groups`` and every reward is the same)."""
     sample = await s.dataloader.sample.call_one()
     request, target = sample["request"], sample["target"]
 
@@ -252,6 +273,20 @@ async def rollout_group(
         return logprobs
 
     rewards, ref_logprobs = await asyncio.gather(score(), reference())
+    window.rewards.extend(rewards)
+    window.correct.extend(is_correct(request, c.text, target) for c in completions)
+    if config.skip_uniform_groups and len(set(rewards)) == 1:
+        window.skipped_groups += 1
+        window.uniform_in_a_row += 1
+        if window.uniform_in_a_row >= MAX_UNIFORM_IN_A_ROW:
+            raise RuntimeError(
+                f"the last {window.uniform_in_a_row} groups each got one reward for all their "
+                f"responses (this one: {rewards[0]}), so skip_uniform_groups left every one of them "
+                f"out and the trainer has nothing to learn from; use reward functions that tell "
+                f"responses apart, or set skip_uniform_groups=false"
+            )
+        return group
+    window.uniform_in_a_row = 0
     for episode, completion, reward, row in zip(group.episodes, completions, rewards, ref_logprobs):
         episode.reward = reward
         episode.ref_logprobs = row[: len(completion.token_ids)]
@@ -319,20 +354,25 @@ async def train_loop(
         recorder.record_versions(step, version, await s.policy.get_version.fanout())
 
         now = time.perf_counter()
-        seconds, tokens = window.take()
-        seconds.update(train=trained - started, sync=synced - trained)
+        rollouts_done = window.take()
+        seconds = dict(rollouts_done.seconds, train=trained - started, sync=synced - trained)
+        rewards, correct = rollouts_done.rewards, rollouts_done.correct
+        if not rewards:  # no group finished since the last step: describe the batch
+            rewards = [e.reward for e in episodes]
+            correct = [is_correct(e.request, e.response, e.target) for e in episodes]
         record = recorder.record_step(
             step=step,
-            reward_mean=sum(e.reward for e in episodes) / len(episodes),
-            accuracy=sum(is_correct(e.request, e.response, e.target) for e in episodes) / len(episodes),
+            reward_mean=sum(rewards) / len(rewards),
+            accuracy=sum(correct) / len(correct),
             loss=loss,
             kl=sum(behaviour_kl.pop(e.episode_id)[1] for e in episodes) / len(episodes),
             trainer_version=version,
             episode_ages=tuple(version - e.policy_version for e in episodes),
             buffer_size=await s.replay_buffer.numel.call_one(),
-            tokens_per_s=tokens / (now - last),
+            tokens_per_s=rollouts_done.tokens / (now - last),
             step_time_s=now - last,
             time_split_s=seconds,
+            skipped_groups=rollouts_done.skipped_groups,
         )
         last = now
         # Episodes the buffer evicted unused never come back for their KL.
@@ -350,7 +390,7 @@ async def train_loop(
 
 
 async def load_eval_problems(eval_data, count: int) -> list[dict]:
-    """The first ``count`` problems of the held-out split (file order: the same every run)."""
+    """The first ``count`` problems the held-out split serves (the same every run)."""
     return [await eval_data.sample.call_one() for _ in range(count)]
 
 
@@ -428,6 +468,9 @@ class GRPOResult:
         ages = [a for s in self.recorder.steps for a in s.episode_ages]
         lines.append(f"{'episode age (versions)':24}{'mean ' + format(sum(ages) / len(ages), '.2f'):>20}"
                      f"  (1 = sampled by the weights the step started from)")
+        if self.config.skip_uniform_groups:
+            skipped = sum(s.skipped_groups for s in self.recorder.steps)
+            lines.append(f"{'groups skipped':24}{skipped:>10}  (every response got the same reward)")
         split = self.mean_time_split()
         lines.append("mean seconds per step: " + ", ".join(f"{p} {v:.2f}" for p, v in split.items()))
         if self.eval_accuracy_before is not None:

@@ -18,8 +18,8 @@ class StepRecord:
     """One training step."""
 
     step: int
-    reward_mean: float
-    accuracy: float  # share of sampled responses whose answer was right
+    reward_mean: float  # over the responses scored since the previous step
+    accuracy: float  # share of those responses whose answer was right
     loss: float
     kl: float
     trainer_version: int  # the policy version the trainer will publish after this step
@@ -28,6 +28,7 @@ class StepRecord:
     tokens_per_s: float
     step_time_s: float
     time_split_s: dict = field(default_factory=dict)  # "generate", "reward", "reference", "train", "sync"
+    skipped_groups: int = 0  # groups with equal rewards left out of the buffer since the previous step
     time: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict:
