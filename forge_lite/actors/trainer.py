@@ -83,10 +83,8 @@ class TrainingConfig:
     # Gradient norm clip; GRPO's advantages can be large for small groups.
     max_norm: float = 1.0
     dtype: str = "float32"
-    # Learning rate rises linearly to its value over this many steps. Adam's
-    # first updates move every weight by about lr whatever the gradient; on
-    # noisy RL gradients that knocked the shipped model's sampled accuracy
-    # from 0.5 to 0.4 in its first 20 GRPO steps (measured without warm-up).
+    # Learning rate rises linearly to its value over this many steps: Adam's
+    # first updates move every weight by about lr whatever the gradient.
     warmup_steps: int = 0
     # Then, if set, the learning rate falls linearly to 0 at this step. On a
     # noisy RL gradient a constant rate keeps the weights wandering once the
