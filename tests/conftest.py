@@ -1,5 +1,6 @@
-"""Shared test helpers: child processes can import the test modules, and a
-way to check that no process outlives its actor or service."""
+"""Shared test helpers: a way to check that no process outlives its actor or
+service. (Child processes find the test modules because the kit gives every
+process it spawns the caller's sys.path, which pytest extended.)"""
 
 import asyncio
 import os
@@ -9,17 +10,6 @@ import psutil
 import pytest
 
 import forge_lite  # noqa: F401  (before monarch: sets Monarch's env)
-
-# Actor classes defined in a test module are sent to their processes by
-# reference ("test_service.Worker"), and a child process only finds that
-# module if this directory is on its path. pytest puts it on sys.path of this
-# process only; children inherit the environment, so export it there.
-_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-if _TESTS_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (_TESTS_DIR, os.environ.get("PYTHONPATH")) if p
-    )
-
 
 def count_children() -> int:
     """Live child processes of this process (zombies don't count)."""

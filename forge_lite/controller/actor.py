@@ -6,13 +6,17 @@ configured subclass (so two services of one class never share settings),
 ``as_actor`` spawns one ProcMesh with the actor on each process, and
 ``as_service`` spawns ``num_replicas`` of those behind a router.
 
-Two things Monarch 0.7 refuses that the tutorial does, fixed here when the
-class is defined:
-- a class that mixes sync and async endpoints (the tutorial's ForgeCounter):
-  every endpoint of a ForgeActor is made async. A sync body still runs to
-  completion before the actor takes its next message, as it would in Monarch.
+Three things fixed here when the class is defined:
+- a class that mixes sync and async endpoints (the tutorial's ForgeCounter),
+  which Monarch 0.7 refuses: every endpoint of a ForgeActor is made async. A
+  sync body still runs to completion before the actor takes its next message,
+  as it would in Monarch.
 - an endpoint named like an ActorMesh attribute (``stop``, ``size``...): Monarch
   only says so at spawn time; here the class definition fails, naming it.
+- an exception that cannot be rebuilt on the caller's side (its ``__init__``
+  takes other arguments than it stores) would reach the caller as a TypeError
+  about ``__init__``; every endpoint sends such an exception as a RemoteError
+  with the original's name and message (``forge_lite.controller.errors``).
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import inspect
 from typing import Any
 
 from monarch._src.actor.actor_mesh import ActorMesh
+from monarch._src.actor.concurrent import _ConcurrentEndpointProperty
 from monarch._src.actor.endpoint import EndpointProperty
 from monarch.actor import Actor, ActorError, endpoint
 
 from forge_lite.controller import procs as _procs
+from forge_lite.controller.errors import portable
 from forge_lite.controller.service_config import ServiceConfig
 
 # Attributes of Monarch's ActorMesh; an endpoint with one of these names would
@@ -42,20 +48,49 @@ def endpoint_names(cls: type) -> list[str]:
     )
 
 
-def _async_twin(prop: EndpointProperty) -> EndpointProperty:
-    """The same endpoint with an async body that calls the sync one."""
-    method = prop._method
+def _portable_endpoint(prop: EndpointProperty) -> EndpointProperty:
+    """The same endpoint with an async body whose exceptions reach the caller
+    intact (see ``forge_lite.controller.errors``). A sync body is called from
+    the async one, so it still runs to completion before the next message.
 
-    @functools.wraps(method)  # keeps the signature Monarch checks calls against
-    async def run_sync_body(self, *args, **kwargs):
-        return method(self, *args, **kwargs)
-
+    Endpoints with an explicit response port send their own errors: unchanged.
+    """
+    if isinstance(prop, _ConcurrentEndpointProperty):
+        # Monarch wraps the body of a concurrent endpoint in a task launcher;
+        # wrap the body itself (``__wrapped__``) and launch that instead.
+        body = prop._method.__wrapped__
+        if inspect.signature(body) == inspect.signature(prop._method):
+            return prop  # the body takes the response port itself
+        return _ConcurrentEndpointProperty(
+            EndpointProperty(_raising_portable(body), prop._propagator, explicit_response_port=False)
+        )
+    if prop._explicit_response_port:
+        return prop
     return EndpointProperty(
-        run_sync_body,
+        _raising_portable(prop._method),
         propagator=prop._propagator,
-        explicit_response_port=prop._explicit_response_port,
+        explicit_response_port=False,
         instrument=prop._instrument,
     )
+
+
+def _raising_portable(method):
+    is_async = inspect.iscoroutinefunction(method)
+
+    @functools.wraps(method)  # keeps the signature Monarch checks calls against
+    async def body(self, *args, **kwargs):
+        try:
+            if is_async:
+                return await method(self, *args, **kwargs)
+            return method(self, *args, **kwargs)
+        except Exception as error:
+            converted = portable(error)
+            if converted is error:
+                raise
+            raise converted from None
+
+    body._forge_portable = True
+    return body
 
 
 class ForgeActor(Actor):
@@ -88,8 +123,8 @@ class ForgeActor(Actor):
                     f"Monarch's ActorMesh already uses ({', '.join(sorted(RESERVED_NAMES))}). "
                     "Rename the endpoint."
                 )
-            if not inspect.iscoroutinefunction(value._method):
-                value = _async_twin(value)
+            if not getattr(value._method, "_forge_portable", False):
+                value = _portable_endpoint(value)
             setattr(cls, name, value)
 
     @endpoint

@@ -13,9 +13,8 @@ import asyncio
 import atexit
 import logging
 import os
-import shutil
 import signal
-import tempfile
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -120,7 +119,6 @@ async def spawn_processes(
     is added to every process's environment (e.g. the replica index).
     """
     runtime.configure_client()
-    _ensure_job_dir()
     base = default_bootstrap_cmd()
 
     # Quiet children: a progress bar per model load, or a multiprocessing
@@ -132,6 +130,11 @@ async def spawn_processes(
             "PYTHONWARNINGS", "ignore::UserWarning:multiprocessing.resource_tracker"
         ),
         runtime.WORKER_ENV: "1",
+        # The caller's import path as it is now, so that a class (or an
+        # argument's class) from a module the caller found through its own
+        # sys.path entries (`sys.path.append("..")` in a notebook, pytest's
+        # rootdir insertion) can be imported in the new process too.
+        "PYTHONPATH": caller_import_path(),
     }
 
     def command_for(point):
@@ -182,21 +185,20 @@ async def stop_processes(procs: Processes, timeout: float = STOP_TIMEOUT_S) -> N
             _live.remove(procs)
 
 
-# The trainer publishes weights and every Policy replica reads them from one
-# job directory; processes inherit its path from this (the client's) env.
-JOB_DIR_ENV = "FORGE_LITE_WEIGHTS_DIR"
+def caller_import_path() -> str:
+    """This process's ``sys.path`` as a PYTHONPATH value (absolute, in order).
 
-
-def _ensure_job_dir() -> None:
-    if os.environ.get(JOB_DIR_ENV):
-        return
-    job_dir = tempfile.mkdtemp(prefix="forge_lite_job_")
-    os.environ[JOB_DIR_ENV] = job_dir
-    atexit.register(shutil.rmtree, job_dir, ignore_errors=True)
-
-
-def live_processes() -> list[Processes]:
-    return list(_live)
+    A new process puts PYTHONPATH's entries before its own defaults and drops
+    the duplicates (``site``), so its ``sys.path`` starts like the caller's.
+    ``""`` (the current directory, in an interactive session) becomes the
+    directory itself: the child may not start in it.
+    """
+    entries = []
+    for entry in sys.path:
+        entry = os.path.abspath(entry or os.getcwd())
+        if entry not in entries and os.path.exists(entry):
+            entries.append(entry)
+    return os.pathsep.join(entries)
 
 
 @atexit.register
