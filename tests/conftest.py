@@ -53,13 +53,7 @@ async def wait_for_exit(pids: list[int], timeout: float = 30.0) -> list[int]:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """A weight store whose directory the actors spawned in this module inherit."""
-    from forge_lite.actors.weights import WEIGHTS_DIR_ENV, WeightStore
+    """A weight store for this module's actors: pass it as ``weight_store=store``."""
+    from forge_lite.actors.weights import WeightStore
 
-    previous = os.environ.get(WEIGHTS_DIR_ENV)
-    os.environ[WEIGHTS_DIR_ENV] = str(tmp_path_factory.mktemp("weights"))
-    yield WeightStore()
-    if previous is None:
-        del os.environ[WEIGHTS_DIR_ENV]
-    else:
-        os.environ[WEIGHTS_DIR_ENV] = previous
+    return WeightStore(str(tmp_path_factory.mktemp("weights")))

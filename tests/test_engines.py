@@ -21,7 +21,7 @@ import torch
 
 from forge_lite.actors.engines import Completion, SamplingConfig, make_engine, resolve_model
 from forge_lite.actors.engines.transformers_engine import CachedSequence, PrefixKVCache
-from forge_lite.actors.weights import WEIGHTS_DIR_ENV, WeightStore
+from forge_lite.actors.weights import WeightStore
 
 MAX_MODEL_LEN = 512
 
@@ -415,17 +415,31 @@ def test_weight_store_writes_atomically(store):
     assert store.versions() == [1]
 
 
-def test_weight_store_default_directory_is_shared_with_child_processes(monkeypatch):
-    monkeypatch.delenv(WEIGHTS_DIR_ENV, raising=False)
-    store = WeightStore()
-    assert os.environ[WEIGHTS_DIR_ENV] == store.root
-    store.put(4, {"w": torch.arange(3.0)})
+def test_each_default_weight_store_is_its_own_and_travels_as_its_directory():
+    first, second = WeightStore(), WeightStore()
+    assert first.root != second.root  # two runs never share versions by default
+    first.put(4, {"w": torch.arange(3.0)})
+    assert second.versions() == []
+    # What an actor receives: the same directory, which its process must not delete.
     child = (
-        "from forge_lite.actors.weights import WeightStore\n"
-        "s = WeightStore(); print(s.latest(), s.get(s.latest())['w'].tolist())"
+        "import pickle, sys\n"
+        "s = pickle.loads(sys.stdin.buffer.read())\n"
+        "print(s.latest(), s.get(s.latest())['w'].tolist())\n"
+        "s.close()\n"
     )
-    output = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout
+    output = subprocess.run(
+        [sys.executable, "-c", child], input=pickle.dumps(first), capture_output=True, check=True
+    ).stdout.decode()
     assert output.split("\n")[0] == "4 [0.0, 1.0, 2.0]"
+    assert first.versions() == [4]  # the child's close() left it alone
+    first.close()
+    first.close()  # twice is fine
+    assert not os.path.exists(first.root)
+    second.close()
+    # A directory the caller named is never deleted.
+    named = WeightStore(second.root)
+    named.close()
+    assert os.path.isdir(second.root)
 
 
 # --- vLLM engine (slow: one engine for the whole module, ~20 s to start) ---------------

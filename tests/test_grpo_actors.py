@@ -19,7 +19,7 @@ from forge_lite.actors.hf_model import causal_lm_logits, load_causal_lm, resolve
 from forge_lite.actors.reference_model import ReferenceModel
 from forge_lite.actors.replay_buffer import ReplayBuffer
 from forge_lite.actors.trainer import RLTrainer, TrainingConfig, build_optimizer, merge_dp_chunks
-from forge_lite.actors.weights import WEIGHTS_DIR_ENV, WeightStore
+from forge_lite.actors.weights import WeightStore
 from forge_lite.assets import DEFAULT_MODEL
 from forge_lite.data.rewards import MathReward, ThinkingReward
 from forge_lite.grpo import ComputeAdvantages, DatasetActor, Episode, Group, RewardActor
@@ -207,15 +207,15 @@ async def test_reference_logprobs_match_the_trainers_computation(reference):
 
 
 @pytest.mark.slow
-async def test_trainer_steps_and_publishes_weights(reference, tmp_path, monkeypatch):
-    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path))  # the trainer's process finds the store here
-    store = WeightStore()
+async def test_trainer_steps_and_publishes_weights(reference, tmp_path):
+    store = WeightStore(str(tmp_path))
     advantages = [1.0, -0.5, 0.5, 0.2]
     episodes = make_episodes(advantages)
     trainer = await RLTrainer.options(procs=1).as_actor(
         model={"name": "qwen3", "flavor": "tiny", "hf_assets_path": DEFAULT_MODEL},
         optimizer={"name": "AdamW", "lr": 1e-3},
         training={"local_batch_size": 2, "seq_len": 64, "max_norm": 1.0},
+        weight_store=store,
     )
     try:
         for episode in episodes:

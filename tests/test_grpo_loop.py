@@ -24,7 +24,7 @@ from forge_lite.actors.policy import Policy
 from forge_lite.actors.reference_model import ReferenceModel
 from forge_lite.actors.replay_buffer import ReplayBuffer
 from forge_lite.actors.trainer import RLTrainer
-from forge_lite.actors.weights import WEIGHTS_DIR_ENV, WeightStore
+from forge_lite.actors.weights import WeightStore
 from forge_lite.assets import DEFAULT_MODEL
 from forge_lite.data.rewards import MathReward, ThinkingReward
 from forge_lite.grpo import ComputeAdvantages, DatasetActor, Episode, Group, RewardActor
@@ -81,18 +81,19 @@ def test_gpu_config_names_the_tutorial_setup():
 @pytest.fixture(scope="module")
 async def components():
     """The tutorial's components, started together as in part 2."""
-    previous = os.environ.get(WEIGHTS_DIR_ENV)
-    os.environ[WEIGHTS_DIR_ENV] = tempfile.mkdtemp(prefix="forge_lite_test_weights_")
+    store = WeightStore()
     (dataloader, policy, trainer, replay_buffer, compute_advantages, ref_model,
      reward_actor) = await asyncio.gather(
         DatasetActor.options(procs=1).as_actor(),
         Policy.options(procs=1, num_replicas=1).as_service(
             engine_config={"model": DEFAULT_MODEL, "backend": "transformers"},
             sampling_config={"n": 2, "max_tokens": 32},
+            weight_store=store,
         ),
         # A large learning rate: one step must visibly change greedy answers.
         RLTrainer.options(procs=1).as_actor(
-            model=DEFAULT_MODEL, optimizer={"name": "AdamW", "lr": 1e-2}, training={"seq_len": 1024}
+            model=DEFAULT_MODEL, optimizer={"name": "AdamW", "lr": 1e-2}, training={"seq_len": 1024},
+            weight_store=store,
         ),
         ReplayBuffer.options(procs=1).as_actor(batch_size=2, max_policy_age=1, dp_size=1),
         ComputeAdvantages.options(procs=1).as_actor(),
@@ -101,17 +102,14 @@ async def components():
             reward_functions=[MathReward(), ThinkingReward()]
         ),
     )
-    yield dict(dataloader=dataloader, policy=policy, trainer=trainer, replay_buffer=replay_buffer,
+    yield dict(store=store, dataloader=dataloader, policy=policy, trainer=trainer, replay_buffer=replay_buffer,
                compute_advantages=compute_advantages, ref_model=ref_model, reward_actor=reward_actor)
     await asyncio.gather(
         DatasetActor.shutdown(dataloader), policy.shutdown(), RLTrainer.shutdown(trainer),
         ReplayBuffer.shutdown(replay_buffer), ComputeAdvantages.shutdown(compute_advantages),
         ref_model.shutdown(), reward_actor.shutdown(),
     )
-    if previous is None:
-        os.environ.pop(WEIGHTS_DIR_ENV, None)
-    else:
-        os.environ[WEIGHTS_DIR_ENV] = previous
+    store.close()
 
 
 @pytest.mark.slow
@@ -191,7 +189,7 @@ async def test_a_weight_sync_changes_the_policys_version_and_answers(components)
     assert await c["policy"].get_version.fanout() == [new_version]
     assert {a.generator_version for a in after} == {new_version}
     assert [a.token_ids.tolist() for a in after] != [b.token_ids.tolist() for b in before]
-    assert WeightStore().latest() == new_version
+    assert c["store"].latest() == new_version
 
 
 # ---------------------------------------------------------------- run_grpo
@@ -240,6 +238,11 @@ async def test_a_group_with_equal_rewards_is_skipped_but_counted(components):
         await reward_actor.shutdown()
 
 
+def run_store_dirs() -> set[str]:
+    """The weight stores' default directories that exist now."""
+    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("forge_lite_weights_")}
+
+
 def finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -247,7 +250,7 @@ def finite(value) -> bool:
 @pytest.mark.slow
 async def test_a_three_step_run_records_every_step_and_leaves_no_process(tmp_path):
     before = count_children()
-    weights_env = os.environ.get(WEIGHTS_DIR_ENV)
+    stores_before = run_store_dirs()
     config = load_config(os.path.join(CONFIGS, "grpo_tiny.yaml"),
                          FAST + [f"output_dir={tmp_path}", "progress=false"])
     recorder = MetricsRecorder()
@@ -275,7 +278,7 @@ async def test_a_three_step_run_records_every_step_and_leaves_no_process(tmp_pat
     assert "held-out greedy accuracy (4 problems)" in result.summary()
 
     assert await wait_for_children(before) <= before
-    assert os.environ.get(WEIGHTS_DIR_ENV) == weights_env  # the run's own store is gone
+    assert run_store_dirs() == stores_before  # the run's own store is gone
 
 
 @pytest.mark.slow

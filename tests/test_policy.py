@@ -16,7 +16,7 @@ import torch
 from test_engines import build_tiny_qwen3, perturbed
 
 from forge_lite.actors.policy import Policy
-from forge_lite.actors.weights import WEIGHTS_DIR_ENV, WeightStore
+from forge_lite.actors.weights import WeightStore
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,8 @@ def engine_config(model: str) -> dict:
 @pytest.fixture(scope="module")
 async def policy(tiny_model, store):
     handle = await Policy.options(procs=1).as_actor(
-        engine_config=engine_config(tiny_model), sampling_config={"n": 2, "max_tokens": 8}
+        engine_config=engine_config(tiny_model), sampling_config={"n": 2, "max_tokens": 8},
+        weight_store=store,
     )
     yield handle
     await Policy.shutdown(handle)
@@ -67,7 +68,7 @@ async def test_an_unknown_sampling_override_is_the_callers_error(policy):
     assert len(await policy.generate.call_one("Hi")) == 2  # the actor still serves
 
 
-async def test_update_weights_serves_the_new_version_and_new_replicas_start_there(policy, store, tiny_model):
+async def test_update_weights_serves_the_new_version_and_a_new_policy_starts_where_asked(policy, store, tiny_model):
     from transformers import AutoModelForCausalLM
 
     greedy = {"n": 1, "max_tokens": 12, "temperature": 0.0}
@@ -85,14 +86,28 @@ async def test_update_weights_serves_the_new_version_and_new_replicas_start_ther
     with pytest.raises(Exception, match=r"version 9.*available: \[1\]"):
         await policy.update_weights.call_one(9)
 
-    # A replica started now (e.g. respawned after a failure) serves version 1 at once.
-    fresh = await Policy.options(procs=1).as_actor(engine_config=engine_config(tiny_model))
+    # A new Policy on the same store starts from its model (version 0), unless
+    # it asks for a stored version.
+    fresh = await Policy.options(procs=1).as_actor(engine_config=engine_config(tiny_model), weight_store=store)
+    asked = await Policy.options(procs=1).as_actor(
+        engine_config=engine_config(tiny_model), weight_store=store, policy_version=1
+    )
     try:
-        assert await fresh.get_version.call_one() == 1
+        assert await fresh.get_version.call_one() == 0
         again = (await fresh.generate.call_one("The weights", **greedy))[0]
+        assert again.token_ids.tolist() == before.token_ids.tolist()
+        assert await asked.get_version.call_one() == 1
+        again = (await asked.generate.call_one("The weights", **greedy))[0]
         assert again.token_ids.tolist() == after.token_ids.tolist()
     finally:
         await Policy.shutdown(fresh)
+        await Policy.shutdown(asked)
+    with pytest.raises(KeyError, match=r"version 7.*available: \[1\]"):
+        await Policy.options(procs=1).as_actor(
+            engine_config=engine_config(tiny_model), weight_store=store, policy_version=7
+        )
+    with pytest.raises(ValueError, match="weight_store"):
+        await Policy.options(procs=1).as_actor(engine_config=engine_config(tiny_model), policy_version=1)
 
 
 async def test_a_weight_update_among_generations_answers_everyone(policy, store, tiny_model):
@@ -132,7 +147,7 @@ async def test_policy_on_vllm_generates_and_updates_weights(tiny_model, store):
     from transformers import AutoModelForCausalLM
 
     config = {"backend": "vllm", "model": tiny_model, "dtype": "float32", "max_model_len": 512, "enforce_eager": True}
-    handle = await Policy.options(procs=1).as_actor(engine_config=config)
+    handle = await Policy.options(procs=1).as_actor(engine_config=config, weight_store=store)
     try:
         greedy = {"max_tokens": 12, "temperature": 0.0}
         before = (await handle.generate.call_one("The weights", **greedy))[0]

@@ -25,7 +25,6 @@ import pytest
 from test_engines import perturbed
 
 from forge_lite.actors.policy import Policy
-from forge_lite.actors.weights import WEIGHTS_DIR_ENV, WeightStore
 from forge_lite.assets import DEFAULT_MODEL
 from forge_lite.controller.service.events import RequestFinished, RequestRouted
 from forge_lite.data.prompts import format_request
@@ -63,7 +62,7 @@ def tokenizer():
 )
 async def policy(request, store):
     service = await Policy.options(procs=1, num_replicas=2).as_service(
-        engine_config=ENGINE_CONFIGS[request.param], sampling_config=GREEDY
+        engine_config=ENGINE_CONFIGS[request.param], sampling_config=GREEDY, weight_store=store
     )
     yield service
     await service.shutdown()

@@ -14,15 +14,19 @@ the transformers engine; see `forge_lite.actors.engines`). Then:
   An idle engine starts once arrivals pause (`BATCH_GAP_S`), so that a burst
   of requests starts as one batch, like the max queue delay of Triton's
   dynamic batcher.
-- `update_weights(policy_version)` loads that version from the weight store:
+- `update_weights(policy_version)` loads that version from the run's weight
+  store (`weight_store=`, shared with the trainer that publishes to it):
   new requests stop joining, the ones in flight finish on the old weights,
   then the new weights are loaded and the prefix cache is dropped with the
   old ones. Requests that arrived meanwhile run on the new weights.
 - `get_version()` is the version being served; every Completion carries it too
   (`generator_version`), so the replay buffer can drop stale episodes.
 
-A replica that is (re)started loads the newest published version in `setup`,
-so a respawned replica never silently serves the original weights.
+A new Policy starts from the weights of the model it is given (version 0),
+or, when asked with `policy_version=v`, from version v of its store. A replica
+that joins a running service (respawned after a failure, or added by
+`scale`) loads the newest version in the store, which is the one its
+siblings serve: failover never silently serves the original weights.
 """
 
 from __future__ import annotations
@@ -32,13 +36,10 @@ import os
 from dataclasses import dataclass
 
 from forge_lite.actors.engines import Completion, SamplingConfig, make_engine
-from forge_lite.actors.weights import WEIGHTS_DIR_ENV, WeightStore
-from forge_lite.controller import ForgeActor
+from forge_lite.actors.weights import WeightStore
+from forge_lite.controller import ForgeActor, runtime
 from forge_lite.controller.service_config import ServiceConfig
 from monarch.actor import concurrent_endpoint, endpoint
-
-#: Set by the service in each replica's processes; a plain actor has none.
-REPLICA_ENV = "FORGE_LITE_REPLICA"
 
 # 64 concurrent `generate.route` calls reached one replica over 8-30 ms on 2
 # busy cores. Starting an idle engine on the first arrival ran a batch of 1-3
@@ -73,6 +74,11 @@ class Policy(ForgeActor):
     `sampling_config`: defaults for `SamplingConfig` (n, max_tokens,
     temperature, top_p, stop, seed); `generate(prompt, **overrides)` changes
     them per request.
+    `weight_store`: the run's `WeightStore`, the one its trainer pushes to;
+    without it `update_weights` raises RuntimeError.
+    `policy_version`: start from this version of `weight_store` instead of
+    the model's own weights (a KeyError naming the versions held if it is
+    not there).
     """
 
     # The engine batches whatever is waiting, so one replica should have many
@@ -80,17 +86,29 @@ class Policy(ForgeActor):
     # ran as batches of 10 (0.23-0.29x the engine's own throughput, measured).
     service_config = ServiceConfig(max_concurrent_requests=64)
 
-    def __init__(self, engine_config: dict | None = None, sampling_config: dict | None = None):
+    def __init__(
+        self,
+        engine_config: dict | None = None,
+        sampling_config: dict | None = None,
+        weight_store: WeightStore | None = None,
+        policy_version: int | None = None,
+    ):
         self.engine_config = dict(engine_config or {})
         self.sampling_config = dict(sampling_config or {})
+        self.weight_store = weight_store
+        self.policy_version = policy_version
 
     @endpoint
     async def setup(self) -> None:
         # Checked here rather than in __init__: errors raised in setup reach the
         # caller with their own type and message.
         self.sampling = SamplingConfig.from_dict(self.sampling_config)
-        replica = os.environ.get(REPLICA_ENV)
-        self.replica = int(replica) if replica is not None else None
+        if self.policy_version is not None and self.weight_store is None:
+            raise ValueError(
+                f"policy_version={self.policy_version} needs the store that holds it: "
+                "pass weight_store= as well"
+            )
+        self.replica = runtime.replica_index()
         # Each replica samples with its own seed; a lone actor uses its pid.
         seed = self.replica if self.replica is not None else os.getpid()
         self.engine = make_engine(self.engine_config, seed=seed)
@@ -101,11 +119,14 @@ class Policy(ForgeActor):
         self._weight_updates: list[_WeightUpdate] = []
         self._serving: asyncio.Task | None = None
 
-        if os.environ.get(WEIGHTS_DIR_ENV):
-            store = WeightStore()
-            latest = store.latest()
-            if latest is not None:
-                self.engine.load_weights(store.get(latest), version=latest)
+        start_version = self.policy_version
+        if runtime.joins_running_service() and self.weight_store is not None:
+            newest = self.weight_store.latest()
+            if newest is not None:
+                start_version = newest
+        if start_version is not None:
+            weights = self.weight_store.get(start_version)
+            self.engine.load_weights(weights, version=start_version)
 
     @concurrent_endpoint
     async def generate(self, prompt: str, **overrides) -> list[Completion]:
@@ -125,14 +146,14 @@ class Policy(ForgeActor):
     @endpoint
     async def update_weights(self, policy_version: int) -> None:
         """Serve the weights the trainer published as `policy_version`."""
-        if not os.environ.get(WEIGHTS_DIR_ENV):
+        if self.weight_store is None:
             raise RuntimeError(
-                f"no weight store: {WEIGHTS_DIR_ENV} is not set in this process. Create "
-                "forge_lite.actors.weights.WeightStore() in the controller (notebook) before "
-                "starting the trainer and the policy, so they share one directory"
+                "this Policy has no weight store: create one for the run, "
+                "`store = WeightStore()`, and pass `weight_store=store` to the Policy and "
+                "to the RLTrainer that pushes the weights"
             )
         # Read the file first, so generation goes on meanwhile.
-        state_dict = await asyncio.to_thread(WeightStore().get, policy_version)
+        state_dict = await asyncio.to_thread(self.weight_store.get, policy_version)
         update = _WeightUpdate(state_dict, policy_version, asyncio.get_running_loop().create_future())
         self._weight_updates.append(update)
         self._serve_soon()

@@ -5,7 +5,8 @@ takes the replay buffer's batch (the GRPO collate's format: one dict per
 data-parallel chunk), recomputes the response logprobs with gradients, applies
 the loss (GRPO by default), clips the gradient and steps the optimizer.
 ``push_weights(policy_version)`` writes the weights, under their Hugging Face
-names, to the weight store, where the Policy replicas load them.
+names, to the run's weight store (``weight_store=``, the one the Policy
+replicas were given), where they load them.
 
 One process or several:
 
@@ -39,7 +40,9 @@ Configuration is the tutorial's three dicts:
 
 The controller's calls (``batch`` is what ``replay_buffer.sample`` returns):
 
-    trainer = await RLTrainer.options(procs=2).as_actor(model=..., optimizer=..., training=...)
+    store = WeightStore()                                    # the run's, shared with the Policy
+    trainer = await RLTrainer.options(procs=2).as_actor(
+        model=..., optimizer=..., training=..., weight_store=store)
     inputs, targets = batch                                  # lists of 2 chunks (dp_size=2)
     losses = await trainer.train_step.call(inputs, targets)  # one loss per rank, all equal
     loss = next(iter(losses.values()))
@@ -52,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import socket
 from dataclasses import dataclass
 from typing import Callable
@@ -62,7 +64,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from forge_lite.actors.hf_model import causal_lm_logits, default_device, load_causal_lm
-from forge_lite.actors.weights import WEIGHTS_DIR_ENV, WeightStore
+from forge_lite.actors.weights import WeightStore
 from forge_lite.controller import ForgeActor
 from forge_lite.grpo.collate import drop_padding_columns
 from forge_lite.grpo.loss import grpo_loss, response_logprobs
@@ -117,10 +119,15 @@ class RLTrainer(ForgeActor):
         optimizer: dict | None = None,
         training: dict | None = None,
         loss: Callable[..., torch.Tensor] = grpo_loss,
+        weight_store: WeightStore | None = None,
         rendezvous_port: int | None = None,
     ):
-        """``rendezvous_port``: where the ranks of a data-parallel trainer meet;
+        """``weight_store``: the run's ``WeightStore``, where ``push_weights``
+        publishes (the Policy it feeds gets the same one); without it
+        ``push_weights`` raises RuntimeError.
+        ``rendezvous_port``: where the ranks of a data-parallel trainer meet;
         ``as_actor`` picks a free one, so leave it unset."""
+        self.weight_store = weight_store
         self.model_spec = model
         self.optimizer_config = {"name": "AdamW", "lr": 1e-5, **(optimizer or {})}
         self.training_config = training
@@ -285,17 +292,15 @@ class RLTrainer(ForgeActor):
         same on all of them, so rank 0 writes them, and every rank returns
         only once the version is in the store.
         """
-        # Without the variable, WeightStore() would make a directory of its
-        # own that no Policy replica reads: the weights would silently go nowhere.
-        if not os.environ.get(WEIGHTS_DIR_ENV):
+        if self.weight_store is None:
             raise RuntimeError(
-                f"no weight store: {WEIGHTS_DIR_ENV} is not set in the trainer's process. "
-                "Create forge_lite.actors.weights.WeightStore() in the controller (notebook) "
-                "before starting the trainer and the policy, so they share one directory"
+                "this RLTrainer has no weight store: create one for the run, "
+                "`store = WeightStore()`, and pass `weight_store=store` to the RLTrainer and "
+                "to the Policy it feeds"
             )
         try:
             if self.rank == 0:
-                WeightStore().put(policy_version, self.model.state_dict())
+                self.weight_store.put(policy_version, self.model.state_dict())
         finally:
             # In `finally`, so that if rank 0 fails to write, the others are
             # released and the call reports rank 0's error.

@@ -6,6 +6,11 @@ the store is a job directory on disk with one safetensors file per version.
 (TorchForge uses torchstore for this, over RDMA where there is any; torchstore
 pins an older torch and Monarch, so the kit keeps to files.)
 
+The store belongs to one run: a trainer and the Policy replicas it feeds.
+It is handed to each of them explicitly (``weight_store=store``; it pickles
+as its directory), so two runs in one notebook kernel, one after the other
+or at the same time, each have their own versions.
+
 A file appears under its final name only when it is complete: it is written
 to a hidden temporary name in the same directory and renamed, and a rename is
 atomic, so a reader sees the whole version or nothing.
@@ -21,36 +26,49 @@ from the page cache is cheap.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 
-#: Child processes (Policy replicas, the trainer) find the job directory here.
-WEIGHTS_DIR_ENV = "FORGE_LITE_WEIGHTS_DIR"
-
 _VERSION_FILE = re.compile(r"v(\d+)\.safetensors")
 
 
 class WeightStore:
-    """Versioned state dicts (HF parameter names -> tensors) in a job directory.
+    """Versioned state dicts (HF parameter names -> tensors) in a run's directory.
 
-    `root` defaults to $FORGE_LITE_WEIGHTS_DIR, or a fresh temporary directory
-    that is then exported in that variable, so processes spawned afterwards
-    share it. `keep_last=k` drops all but the newest k versions after each put.
+    ``root``: the directory; by default a fresh temporary one, which is
+    deleted when ``close()`` is called or this process exits (only by the
+    process that created it: a copy sent to an actor never deletes it).
+    ``keep_last=k`` drops all but the newest k versions after each put.
+
+    Raises ValueError for ``keep_last < 1``.
     """
 
     def __init__(self, root: str | None = None, keep_last: int | None = None):
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 (or None to keep every version), got {keep_last}")
+        self._owned = root is None
         if root is None:
-            root = os.environ.get(WEIGHTS_DIR_ENV) or tempfile.mkdtemp(prefix="forge_lite_weights_")
-            os.environ[WEIGHTS_DIR_ENV] = root
+            root = tempfile.mkdtemp(prefix="forge_lite_weights_")
+            atexit.register(shutil.rmtree, root, ignore_errors=True)
         os.makedirs(root, exist_ok=True)
         self.root = root
         self.keep_last = keep_last
+
+    def __getstate__(self) -> dict:
+        # The copy an actor receives names the same directory but does not own it.
+        return {**self.__dict__, "_owned": False}
+
+    def close(self) -> None:
+        """Delete the directory if this store created it; safe to call twice."""
+        if self._owned:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self._owned = False
 
     def path(self, version: int) -> str:
         return os.path.join(self.root, f"v{version}.safetensors")

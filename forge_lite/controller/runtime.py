@@ -37,10 +37,27 @@ _configured = False
 
 
 WORKER_ENV = "FORGE_LITE_WORKER"  # set in every process the kit spawns
+# Set by a service in its replicas' processes: the replica's index, and "1"
+# when the replica joins a service that is already serving (a respawn after a
+# failure, or a scale-up) rather than starting with it. A replica that joins
+# should come up in the state its siblings are in (e.g. their weights).
+REPLICA_ENV = "FORGE_LITE_REPLICA"
+JOINING_ENV = "FORGE_LITE_REPLICA_JOINING"
 
 
 def in_worker_process() -> bool:
     return os.environ.get(WORKER_ENV) == "1"
+
+
+def replica_index() -> int | None:
+    """This process's replica index in its service; None outside a service."""
+    index = os.environ.get(REPLICA_ENV)
+    return int(index) if index is not None else None
+
+
+def joins_running_service() -> bool:
+    """Was this replica started to join a service that already serves?"""
+    return os.environ.get(JOINING_ENV) == "1"
 
 
 def mesh_prefix(mesh_name: str) -> str:

@@ -60,8 +60,7 @@ def jupyterlab(tmp_path):
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}",
          "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**{k: v for k, v in os.environ.items() if k != "FORGE_LITE_WEIGHTS_DIR"},
-             "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")},
+        env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")},
     )
     deadline = time.time() + 120
     while time.time() < deadline:
