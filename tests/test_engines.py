@@ -272,7 +272,7 @@ def test_prompt_longer_than_the_context_is_refused(tf_engine):
         tf_engine.generate([""], SamplingConfig())
 
 
-def test_transformers_steps_run_everything_added_as_one_batch_per_sampling_config(tf_engine):
+def test_transformers_steps_run_everything_added_as_one_batch(tf_engine):
     # How the Policy serves with this engine: add_request, then step.
     greedy = SamplingConfig(max_tokens=6, temperature=0.0)
     with pytest.raises(ValueError, match="600 tokens"):

@@ -67,3 +67,51 @@ def test_thinking_reward_values_are_settable():
     reward = ThinkingReward(partial_reward=0.5, full_reward=2.0)
     assert reward("q", "<think>x</think>", None) == 2.0
     assert reward("q", "<think></think>", None) == 0.5
+
+
+# ---------------------------------------------------------------- the docstrings' tables
+# The rewards' docstrings render MATH_EXAMPLES and THINKING_EXAMPLES; these
+# tests check every row, so the documentation cannot drift from the code.
+
+from forge_lite.data.rewards import MATH_EXAMPLES, THINKING_EXAMPLES, parse_number  # noqa: E402
+
+
+def test_the_issues_examples():
+    assert MathReward()("q", "<answer>\\boxed{18}</answer>", "18") == 1.0
+    assert ThinkingReward()(
+        "<|im_start|>assistant\n<think>\n", "2 plus 2 is 4.\n</think>\n<answer>4</answer>", "4"
+    ) == 1.0
+
+
+@pytest.mark.parametrize(
+    "response, target, expected, why", MATH_EXAMPLES, ids=[e[3] for e in MATH_EXAMPLES]
+)
+def test_math_reward_examples(response, target, expected, why):
+    assert MathReward()("q", response, target) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "prompt, response, expected, why", THINKING_EXAMPLES, ids=[e[3] for e in THINKING_EXAMPLES]
+)
+def test_thinking_reward_examples(prompt, response, expected, why):
+    assert ThinkingReward()(prompt, response, "4") == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "response, target",
+    [(r, t) for r, t, expected, _ in MATH_EXAMPLES if expected == 1.0],
+)
+def test_a_wrong_number_is_never_full_credit_however_it_is_written(response, target):
+    # Every format the reward reads, with the target moved by one: reading the
+    # format must not make any number right.
+    wrong = str(parse_number(target) + 1)
+    assert MathReward()("q", response, wrong) < 1.0
+
+
+@pytest.mark.parametrize(
+    "reward, examples", [(MathReward, MATH_EXAMPLES), (ThinkingReward, THINKING_EXAMPLES)]
+)
+def test_docstring_tables_show_every_example(reward, examples):
+    for *cells, why in examples:
+        row = [repr(cell) for cell in cells] + [why]
+        assert any(all(cell in line for cell in row) for line in reward.__doc__.splitlines()), row

@@ -9,6 +9,9 @@ buffer and the trainer takes batches out. Two rules keep the batches useful:
   episodes would push the model with gradients for a policy it no longer is.
 - **Each episode once.** Sampled episodes leave the buffer.
 
+And nothing non-finite gets in: ``add`` refuses an episode whose reward,
+advantage or reference logprobs hold NaN or +-inf.
+
 ``batch_size`` is per data-parallel rank: a sample takes
 ``batch_size * dp_size`` episodes and the collate function splits them into
 ``dp_size`` chunks. The default collate is the GRPO one, so a sample is the
@@ -28,6 +31,7 @@ from typing import Any, Callable
 
 from forge_lite.controller import ForgeActor
 from forge_lite.grpo.collate import grpo_collate
+from forge_lite.grpo.episode import check_finite
 from monarch.actor import endpoint
 
 
@@ -57,13 +61,20 @@ class LocalReplayBuffer:
         self.episodes: list = []
 
     def add(self, episode: Any) -> None:
-        """Store one episode; it needs a ``policy_version`` for the age rule."""
+        """Store one episode; it needs a ``policy_version`` for the age rule.
+
+        Raises TypeError without an integer ``policy_version``, and ValueError
+        (naming the episode and the field) when its reward, advantage or
+        ref_logprobs hold NaN or +-inf: refused here, a bad number would
+        surface only later, as a NaN loss in some batch it was sampled into.
+        """
         if not isinstance(getattr(episode, "policy_version", None), int):
             raise TypeError(
                 f"a replay buffer item needs an integer policy_version, got "
                 f"{type(episode).__name__} with policy_version="
                 f"{getattr(episode, 'policy_version', None)!r}"
             )
+        check_finite(episode)
         self.episodes.append(episode)
 
     def sample(self, curr_policy_version: int, batch_size: int | None = None) -> Any | None:

@@ -16,8 +16,14 @@ teaches nothing, which is right: no response was better than another.
 A group of one has no spread at all: the sample std of one value is
 undefined (torch gives NaN), so its advantage is 0.0, with a warning that
 GRPO needs groups of two or more.
+
+A reward of NaN or +-inf is refused with a ValueError. One such reward
+makes the mean, and with it every advantage of the group, NaN or inf, and
+the loss and gradient after them: a silent NaN in the weights. It is a
+broken reward function, so it is reported where it enters, with its index.
 """
 
+import math
 import warnings
 from typing import Sequence
 
@@ -32,9 +38,20 @@ STD_EPSILON = 1e-4
 
 
 def group_advantages(rewards: Sequence[float]) -> list[float]:
-    """``(r - mean) / (sample std + 1e-4)`` for each reward of one group."""
+    """``(r - mean) / (sample std + 1e-4)`` for each reward of one group.
+
+    Raises ValueError for an empty group, for a reward that is NaN or +-inf
+    (naming its index and value), and for finite rewards so large that their
+    mean or spread overflows.
+    """
     if len(rewards) == 0:
         raise ValueError("a group needs at least one reward, got none")
+    for index, reward in enumerate(rewards):
+        if not math.isfinite(reward):
+            raise ValueError(
+                f"reward {index} of the group is {reward}; rewards must be finite numbers "
+                f"(group rewards: {list(rewards)}); check the reward function"
+            )
     if len(rewards) == 1:
         warnings.warn(
             "GRPO needs groups of 2 or more responses per prompt: the advantage of a "
@@ -48,7 +65,15 @@ def group_advantages(rewards: Sequence[float]) -> list[float]:
         # the mean divided by the 1e-4.
         return [0.0] * len(rewards)
     values = torch.tensor(rewards, dtype=torch.float64)
-    advantages = (values - values.mean()) / (values.std() + STD_EPSILON)
+    std = values.std()
+    advantages = (values - values.mean()) / (std + STD_EPSILON)
+    # Finite rewards near the float limit (1e308) overflow the mean or the std:
+    # an inf std would quietly make every advantage 0.
+    if not (torch.isfinite(std) and torch.isfinite(advantages).all()):
+        raise ValueError(
+            f"the rewards {list(rewards)} are too large to standardise: their mean or "
+            "spread overflows float64; scale the reward function down"
+        )
     return advantages.tolist()
 
 

@@ -21,11 +21,16 @@ from __future__ import annotations
 
 import torch
 
-from forge_lite.grpo.episode import Episode
+from forge_lite.grpo.episode import Episode, check_finite
 
 
 def grpo_collate(episodes: list[Episode], dp_size: int = 1) -> tuple[list[dict], list[dict]]:
-    """``(inputs, targets)``: one dict each per data-parallel rank, in rank order."""
+    """``(inputs, targets)``: one dict each per data-parallel rank, in rank order.
+
+    Raises ValueError for episodes that cannot stack into one batch, one
+    without an advantage, or one whose reward, advantage or ref_logprobs are
+    not finite; TypeError for items that are not Episodes.
+    """
     if not episodes:
         raise ValueError("cannot collate an empty list of episodes")
     if len(episodes) % dp_size:
@@ -50,6 +55,7 @@ def grpo_collate(episodes: list[Episode], dp_size: int = 1) -> tuple[list[dict],
                 f"episode {episode.episode_id!r} has no advantage; compute the group's "
                 "advantages (ComputeAdvantages) and set episode.advantage before adding it"
             )
+        check_finite(episode)
 
     per_rank = len(episodes) // dp_size
     inputs, targets = [], []

@@ -76,15 +76,21 @@ class Episode:
 
     @property
     def padded_ref_logprobs(self) -> torch.Tensor:
-        """``ref_logprobs`` right-padded with zeros to ``response_len`` (float32)."""
+        """``ref_logprobs`` right-padded with zeros to ``response_len`` (float32).
+
+        Needs exactly one logprob per response token: with fewer, the zero
+        padding would stand in for the reference's logprobs of real tokens
+        and the loss would pull those tokens towards probability 1.
+        """
         if self.ref_logprobs is None:
             raise ValueError(f"episode {self.episode_id!r} has no ref_logprobs; set them first")
         logprobs = torch.as_tensor(self.ref_logprobs, dtype=torch.float32).flatten()
-        if len(logprobs) > self.response_len:
+        tokens = len(self._tokens("response_tokens", self.response_len))
+        if len(logprobs) != tokens:
             raise ValueError(
-                f"episode {self.episode_id!r}: {len(logprobs)} ref_logprobs but "
-                f"response_len={self.response_len}; pass the logprobs of the response "
-                "tokens only (ReferenceModel.forward with max_req_tokens=<request length>)"
+                f"episode {self.episode_id!r}: {len(logprobs)} ref_logprobs for {tokens} "
+                "response_tokens; pass one logprob per response token "
+                "(ReferenceModel.forward with max_req_tokens=<request length>)"
             )
         return torch.cat([logprobs, logprobs.new_zeros(self.response_len - len(logprobs))])
 
@@ -101,6 +107,33 @@ class Episode:
                 + ("prompt" if name == "request_tokens" else "generation (max_tokens)")
             )
         return tokens
+
+
+def check_finite(episode: Any) -> None:
+    """Raise ValueError if the episode's ``reward``, ``advantage`` or
+    ``ref_logprobs`` holds NaN or +-inf, naming the episode and the field.
+
+    One such number is enough to make the loss and every weight NaN. Fields
+    that are not set yet (None, or missing on another kind of item) pass.
+    """
+    episode_id = getattr(episode, "episode_id", type(episode).__name__)
+    for name in ("reward", "advantage", "ref_logprobs"):
+        value = getattr(episode, name, None)
+        if value is None:
+            continue
+        values = torch.as_tensor(value, dtype=torch.float64).flatten()
+        bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+        if not bad:
+            continue
+        if name == "ref_logprobs":  # a tensor: say where, not all 500 values
+            found = f"{name} with non-finite values at (position: value) "
+            found += str({i: values[i].item() for i in bad[:10]})
+        else:
+            found = f"{name}={value}"
+        raise ValueError(
+            f"episode {episode_id!r} has {found}; rewards, advantages and logprobs must be "
+            "finite, or one NaN makes the loss and every weight NaN"
+        )
 
 
 @dataclass

@@ -47,7 +47,6 @@ import copy
 import functools
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -65,7 +64,7 @@ from forge_lite.actors.policy import Policy
 from forge_lite.actors.reference_model import ReferenceModel
 from forge_lite.actors.replay_buffer import ReplayBuffer
 from forge_lite.actors.trainer import RLTrainer
-from forge_lite.actors.weights import WEIGHTS_DIR_ENV, WeightStore
+from forge_lite.actors.weights import WeightStore
 from forge_lite.controller import ForgeActor
 from forge_lite.data.rewards import MathReward, ThinkingReward
 from forge_lite.grpo.advantages import ComputeAdvantages
@@ -73,7 +72,7 @@ from forge_lite.grpo.collate import grpo_collate
 from forge_lite.grpo.config import GRPOConfig, load_config
 from forge_lite.grpo.dataset import DatasetActor
 from forge_lite.grpo.episode import Episode, Group
-from forge_lite.grpo.loss import grpo_loss
+from forge_lite.grpo.loss import grpo_loss, k3_kl as k3_kl_per_token
 from forge_lite.grpo.recorder import MetricsRecorder, trailing_mean
 from forge_lite.grpo.reward_actor import RewardActor
 
@@ -105,8 +104,11 @@ class Services:
     eval_data: Any = None
 
 
-async def start_services(config: GRPOConfig) -> Services:
-    """Start every component concurrently; on any failure stop those that started."""
+async def start_services(config: GRPOConfig, store: WeightStore) -> Services:
+    """Start every component concurrently; on any failure stop those that started.
+
+    ``store`` is the run's weight store: the trainer publishes to it, the
+    policy replicas load from it."""
     c = config
     response_len = c.policy.max_tokens
     starts = {
@@ -123,6 +125,7 @@ async def start_services(config: GRPOConfig) -> Services:
                 "n": c.group_size, "max_tokens": c.policy.max_tokens,
                 "temperature": c.policy.temperature, "top_p": c.policy.top_p,
             },
+            weight_store=store,
         ),
         "trainer": RLTrainer.options(procs=c.trainer.procs, with_gpus=c.trainer.with_gpus).as_actor(
             model=c.model,
@@ -136,6 +139,7 @@ async def start_services(config: GRPOConfig) -> Services:
                 "dtype": c.trainer.dtype,
             },
             loss=functools.partial(grpo_loss, beta=c.trainer.beta),
+            weight_store=store,
         ),
         # collate=None: the loop wants the Episodes themselves, to report their
         # rewards and ages; it collates them for the trainer itself.
@@ -221,11 +225,10 @@ MAX_UNIFORM_IN_A_ROW = 100
 
 
 def k3_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
-    """Mean over tokens of the loss's KL estimate, exp(r) - r - 1 with r = ref - policy."""
-    log_ratio = ref_logprobs.double() - logprobs.double()
-    # expm1 keeps the tiny differences of nearly equal models; the clamp drops
-    # the rounding below zero that a non-negative estimator cannot have.
-    return float((torch.expm1(log_ratio) - log_ratio).clamp_min(0).mean())
+    """Mean over one response's tokens (``[T]`` each) of the loss's KL estimate,
+    ``forge_lite.grpo.loss.k3_kl``; in float64, for the tiny KLs of nearly equal models."""
+    every_token = torch.ones_like(logprobs, dtype=torch.bool)
+    return float(k3_kl_per_token(ref_logprobs.double(), logprobs.double(), every_token).mean())
 
 
 async def rollout_group(
@@ -531,7 +534,7 @@ class GRPORun:
         self.eval_problems: list[dict] = []
         self.startup_s = 0.0
         self._began = 0.0
-        self._weights_dir: str | None = None
+        self.store: WeightStore | None = None
         self._previous_environment: dict[str, str | None] = {}
         self._rollouts: list[asyncio.Task] = []
 
@@ -540,19 +543,16 @@ class GRPORun:
         config = self.config
         self.output_dir = make_output_dir(config.output_dir)
         self._began = time.perf_counter()
-        # A weight store of this run's own, exported before anything spawns so
-        # that the trainer and every policy replica inherit it. A store left
-        # from an earlier run in this process would make the replicas load its
-        # newest weights at startup (a respawned replica must, see Policy.setup).
-        self._weights_dir = tempfile.mkdtemp(prefix="forge_lite_weights_")
-        environment = {WEIGHTS_DIR_ENV: self._weights_dir}
+        # A weight store of this run's own, handed to its trainer and policy.
+        self.store = WeightStore()
+        environment = {}
         if config.threads_per_process is not None:
             environment["OMP_NUM_THREADS"] = str(config.threads_per_process)
         self._previous_environment = {name: os.environ.get(name) for name in environment}
         os.environ.update(environment)  # for this run's processes (respawned replicas too)
         try:
             print(f"GRPO: starting services (output in {self.output_dir})", flush=True)
-            self.services = await start_services(config)
+            self.services = await start_services(config, self.store)
             self.startup_s = time.perf_counter() - self._began
             self.pad_id = await self.services.dataloader.pad_token.call_one()
             if self.services.eval_data is not None:
@@ -589,7 +589,7 @@ class GRPORun:
             with tqdm(total=config.steps, desc="GRPO", unit="step", dynamic_ncols=True,
                       disable=not show_progress(config.progress)) as progress:
                 await train_loop(self.services, config, self.recorder, window, behaviour_kl,
-                                 self._rollouts, WeightStore(self._weights_dir), progress)
+                                 self._rollouts, self.store, progress)
         finally:
             await cancel_all(self._rollouts)
         train_s = time.perf_counter() - began
@@ -610,9 +610,9 @@ class GRPORun:
         if self.services is not None:
             await shutdown_all(vars(self.services).values())
             self.services = None
-        if self._weights_dir is not None:
-            shutil.rmtree(self._weights_dir, ignore_errors=True)
-            self._weights_dir = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
         for name, value in self._previous_environment.items():
             if value is None:
                 os.environ.pop(name, None)

@@ -18,7 +18,10 @@ while needing only the sampled token's logprob. beta = 0.1 sets how hard the
 policy is held near the reference model.
 
 The loss averages over each sequence's real tokens (``padding_mask``), then
-over the batch, so a long response does not outweigh a short one.
+over the batch, so a long response does not outweigh a short one. What a
+masked position holds (padding, -inf, NaN, anything) never reaches the loss,
+its KL or its gradient: both logprob tensors are set to 0 there before any
+arithmetic (``unmasked``).
 
 ``response_logprobs`` is the one place logits become per-token logprobs: the
 reference model and the trainer both call it, so the two can only differ by
@@ -53,6 +56,34 @@ def response_logprobs(logits: torch.Tensor, tokens: torch.Tensor, request_len: i
     return F.log_softmax(predicting, dim=-1).gather(-1, chosen).squeeze(-1)
 
 
+def unmasked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values`` with 0 where ``mask`` is False.
+
+    Selecting *before* any arithmetic is what keeps masked positions out: a
+    mask applied afterwards multiplies, and NaN * 0 and inf * 0 are NaN, in
+    the value and in the gradient. torch.where passes a zero gradient to the
+    positions it did not select, so nothing flows back into them either.
+    """
+    return torch.where(mask, values, torch.zeros_like(values))
+
+
+def k3_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The k3 estimate of KL(policy || reference) per token, 0 where ``mask`` is False.
+
+    ``exp(r) - r - 1`` with ``r = ref - policy``, written ``expm1(r) - r``: the
+    same number, but accurate for the tiny r of nearly equal models, where
+    ``exp(r) - 1`` loses its digits to rounding and can even come out below
+    0, which the estimator never is. All three tensors have one shape
+    (``[B, T]`` in the loss, ``[T]`` for one response); so does the result,
+    in the logprobs' dtype. This is the one definition of the KL: the loss
+    and the rollout's reported KL (``forge_lite.grpo.loop.k3_kl``) both use it.
+    """
+    mask = mask.bool()
+    # Both 0 at masked positions, so r = 0 and the KL there is exactly 0.
+    log_ratio = unmasked(ref_logprobs, mask) - unmasked(logprobs, mask)
+    return torch.expm1(log_ratio) - log_ratio
+
+
 def grpo_loss(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
@@ -61,15 +92,17 @@ def grpo_loss(
     beta: float = DEFAULT_BETA,
 ) -> torch.Tensor:
     """The scalar GRPO loss of a batch; every tensor is ``[B, response_len]`` but
-    ``advantages``, ``[B, 1]``."""
+    ``advantages``, ``[B, 1]``.
+
+    Only positions where ``padding_mask`` is true count: the loss and its
+    gradient are the same whatever ``logprobs`` and ``ref_logprobs`` hold at
+    the others, inf and NaN included (the gradient there is 0).
+    """
     mask = padding_mask.bool()
-    # Padded positions get log ratio 0 *before* exp: their logprobs are
-    # meaningless, and exp of a large one overflows to inf, which a mask
-    # applied afterwards turns into NaN (inf * 0), gradient included.
-    ref_minus_policy = torch.where(mask, ref_logprobs - logprobs, torch.zeros_like(logprobs))
-    kl = torch.exp(ref_minus_policy) - ref_minus_policy - 1
-    ratio = torch.exp(logprobs - logprobs.detach())
-    per_token = -(ratio * advantages - beta * kl)
+    policy = unmasked(logprobs, mask)
+    kl = k3_kl(ref_logprobs, policy, mask)
+    ratio = torch.exp(policy - policy.detach())
+    per_token = unmasked(-(ratio * advantages - beta * kl), mask)
     tokens_per_sequence = mask.sum(dim=1).clamp(min=1)
-    per_sequence = (per_token * mask).sum(dim=1) / tokens_per_sequence
+    per_sequence = per_token.sum(dim=1) / tokens_per_sequence
     return per_sequence.mean()

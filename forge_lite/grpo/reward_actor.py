@@ -5,10 +5,14 @@ a judge model), so it lives in its own actor that scales on its own: the
 tutorial runs it as a service with many replicas. The reward functions are
 plain callables, ``fn(prompt, response, target) -> float`` (see
 ``forge_lite.data.rewards``), shipped to the actor's process when it starts.
+
+A score of NaN or +-inf is refused here, where it enters: averaged in, it
+would turn the group's advantages and the loss into NaN far from its cause.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 from forge_lite.controller import ForgeActor
@@ -41,6 +45,31 @@ class RewardActor(ForgeActor):
 
     @endpoint
     def evaluate_response(self, prompt: str, response: str, target: str) -> float:
-        """The average score of ``response`` over the reward functions."""
-        scores = [float(fn(prompt, response, target)) for fn in self.reward_functions]
+        """The average score of ``response`` over the reward functions.
+
+        Raises ValueError, naming the reward function and the response, when a
+        function scores NaN or +-inf.
+        """
+        scores = []
+        for fn in self.reward_functions:
+            score = float(fn(prompt, response, target))
+            if not math.isfinite(score):
+                raise ValueError(
+                    f"reward function {describe(fn)} scored {score} for the response "
+                    f"{shortened(response)} (target {target!r}); a reward must be a finite "
+                    "number"
+                )
+            scores.append(score)
         return sum(scores) / len(scores)
+
+
+def describe(fn: RewardFunction) -> str:
+    """A reward function's name: its own for a function, its class's for an
+    instance such as ``MathReward()`` (whose repr is just an address)."""
+    return getattr(fn, "__qualname__", type(fn).__qualname__)
+
+
+def shortened(text: str, limit: int = 200) -> str:
+    """``repr(text)``, cut to ``limit`` characters: responses run to hundreds of tokens."""
+    text = repr(text)
+    return text if len(text) <= limit else text[:limit] + "...(cut)"

@@ -14,6 +14,10 @@ An engine is used in one of two ways:
   two steps joins the sequences already generating ("continuous batching").
   `BatchEngine` (the transformers engine) runs everything added so far, to the
   end, as one batch per step.
+
+A request with a `seed` is reproducible on both engines: its tokens depend on
+its prompt, seed and other sampling settings and on the weights, never on the
+requests that share its batch or on the engine's own seed (see `SamplingConfig`).
 """
 
 from __future__ import annotations
@@ -73,14 +77,23 @@ _TENSOR_FIELDS = ("prompt_ids", "token_ids", "logprobs")
 @dataclass
 class SamplingConfig:
     """How to sample. The log probability of each sampled token is always
-    returned (RL needs it), so there is no switch for it."""
+    returned (RL needs it), so there is no switch for it.
+
+    `seed`: each of the request's `n` samples draws its tokens from its own
+    random stream, derived from (seed, sample index). So a seeded request gives
+    the same tokens alone or batched with any other requests, on any replica,
+    and sample i does not depend on `n`: the samples of a request with n=2 are
+    the first two of the same request with n=4. Two requests with the same
+    seed and settings draw the same random numbers, even for different prompts.
+    Without a seed, samples draw from the engine's generator (seeded per replica).
+    """
 
     n: int = 1  # samples per prompt (GRPO's group size)
     max_tokens: int = 16
     temperature: float = 1.0  # 0.0 means greedy
     top_p: float = 1.0
     stop: list[str] | None = None  # generation ends when one of these appears
-    seed: int | None = None  # makes this request reproducible; None: the engine's generator
+    seed: int | None = None  # makes this request reproducible (see above); None: the engine's generator
 
     def __post_init__(self):
         if self.n < 1:
@@ -164,12 +177,26 @@ class Engine(ABC):
 
 class BatchEngine(Engine):
     """An engine that can only generate whole batches: each `step()` runs every
-    request added since the last step, to the end (one `generate` per distinct
-    sampling config). A request added during a step waits for the next one."""
+    request added since the last step, to the end, as one batch (whatever their
+    sampling settings). A request added during a step waits for the next one.
+
+    Subclasses implement `generate_batch`, where each request has its own
+    sampling config; `generate` is the case of one config for all prompts.
+    """
 
     def __init__(self):
         self._waiting: dict[int, tuple[str, SamplingConfig]] = {}
         self._request_ids = itertools.count()
+
+    @abstractmethod
+    def generate_batch(self, requests: list[tuple[str, SamplingConfig]]) -> list[list[Completion]]:
+        """Sample each (prompt, sampling) request's `sampling.n` completions, all as one batch.
+
+        Returns one list per request, in request order. Raises ValueError,
+        before generating anything, if a prompt cannot run (see `check_prompt_fits`)."""
+
+    def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Completion]]:
+        return self.generate_batch([(prompt, sampling) for prompt in prompts])
 
     def add_request(self, prompt: str, sampling: SamplingConfig) -> int:
         check_prompt_fits(self.tokenizer(prompt)["input_ids"], self.max_model_len)
@@ -178,19 +205,11 @@ class BatchEngine(Engine):
         return request_id
 
     def step(self) -> dict[int, list[Completion]]:
-        # Taken out first: if a batch fails, none of them stays behind.
+        # Taken out first: if the batch fails, none of them stays behind.
         waiting, self._waiting = self._waiting, {}
-        finished: dict[int, list[Completion]] = {}
-        # SamplingConfig is unhashable (its stop list), so group by equality.
-        samplings: list[SamplingConfig] = []
-        for _, sampling in waiting.values():
-            if sampling not in samplings:
-                samplings.append(sampling)
-        for sampling in samplings:
-            request_ids = [request_id for request_id, (_, s) in waiting.items() if s == sampling]
-            results = self.generate([waiting[request_id][0] for request_id in request_ids], sampling)
-            finished.update(zip(request_ids, results))
-        return finished
+        if not waiting:
+            return {}
+        return dict(zip(waiting, self.generate_batch(list(waiting.values()))))
 
 
 def check_prompt_fits(prompt_ids: list[int], max_model_len: int) -> None:
