@@ -1,9 +1,10 @@
 """The GRPO loop on real services with the shipped model.
 
 First the tutorial's ``simple_rl_step`` (part 2, "asynchronous
-coordination"), with its mistakes corrected as ERRATA.md says: a group of two
-(11), the reference model as a service (9), its logprobs aligned to the
-request (10), ``train_step(inputs, targets)`` with ``call_one`` (6, 7). Then
+coordination"), with its mistakes corrected (docs/tutorial_differences.md): a group of two
+(#group-of-one), the reference model as a service (#reference-model-service), its
+logprobs aligned to the request (#max-req-tokens), ``train_step(inputs, targets)``
+with ``call_one`` (#train-step-args, #call-returns-mesh). Then
 one weight sync, then ``run_grpo`` itself: three steps, and a run stopped
 halfway; no process may outlive either.
 """

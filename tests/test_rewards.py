@@ -14,7 +14,7 @@ def mean_reward(response: str, target: str) -> float:
 
 
 def test_tutorial_untagged_response_gets_partial_credit_only():
-    # ERRATA 14: the tutorial promises "around 1.0"; the untagged answer gets 0.05.
+    # docs/tutorial_differences.md#reward-score: the tutorial promises "around 1.0"; the untagged answer gets 0.05.
     assert MathReward()("What is 15% of 240?", UNTAGGED, "36") == pytest.approx(0.1)
     assert ThinkingReward()("What is 15% of 240?", UNTAGGED, "36") == 0.0
     assert mean_reward(UNTAGGED, "36") == pytest.approx(0.05)

@@ -184,7 +184,7 @@ async def test_tutorial_counter_demo_with_real_values(capsys):
         await counter_service.increment.route()
         results = await counter_service.increment.fanout()
         print(f"All replica values: {results}")
-        # ERRATA 4: round robin sends the three routes to 0, 1, 2.
+        # docs/tutorial_differences.md#counter-values: round robin sends the three routes to 0, 1, 2.
         assert "All replica values: [2, 2, 2, 1]" in capsys.readouterr().out
         assert sum(results) == 7
 
@@ -261,7 +261,7 @@ async def test_start_and_terminate_session(svc):
     finally:
         svc.terminate_session(session_id)
     assert session_id not in svc.service.sessions
-    # ERRATA 16: ending a session drops the pin, nothing else.
+    # docs/tutorial_differences.md#session-end: ending a session drops the pin, nothing else.
     assert all(str(r.state) == "HEALTHY" for r in svc.replicas)
 
 

@@ -1,10 +1,10 @@
 """Every call of the tutorial's Part 2 runs in a notebook, in the section that teaches it.
 
-The tutorial (``part2_services.md``) is the specification of the kit's API, and
+The tutorial (TorchForge's *Zero to Forge*, Part 2) is the specification of the kit's API, and
 the notebooks promise to run each of its code blocks for real. The list below
 maps each block's calls, as the notebook writes them (the kit's imports, and
-the corrected call where the tutorial is wrong: see the ERRATA notes in the
-notebook), to the notebook and the ``## `` section whose code cells run them.
+the corrected call where the tutorial is wrong: see docs/tutorial_differences.md),
+to the notebook and the ``## `` section whose code cells run them.
 A call that drifts out of its section, or a cell that was never executed in
 the committed notebook, fails here. A notebook that does not exist yet is
 skipped.
@@ -39,17 +39,17 @@ TUTORIAL_CALLS = [
     # Deep dive: .route()
     ("route", "responses = await policy.generate.route(prompt=question)", S02, "## 5. The adverbs"),
     ("route", "answer = responses[0].text", S02, "## 5. The adverbs"),
-    ("route", "await policy.generate.route(prompt=42)", S02, "## 5. The adverbs"),  # ERRATA 1
+    ("route", "await policy.generate.route(prompt=42)", S02, "## 5. The adverbs"),  # docs/tutorial_differences.md#route-retries
     # Deep dive: .fanout()
     ("fanout", "current_versions = await policy.get_version.fanout()", S02, "## 5. The adverbs"),
     ("fanout", "await policy.update_weights.fanout(", S02, "## 9. Weight synchronisation"),
     # The API summary (a list, not a code block): call_one is for actors; on a service it says what to use
     ("adverbs summary", "await policy.generate.call_one(", S02, "## 5. The adverbs"),
-    # Streaming operations (ERRATA 6: train_step takes inputs, targets)
+    # Streaming operations (docs/tutorial_differences.md#train-step-args: train_step takes inputs, targets)
     ("streaming", "batch = await replay_buffer.sample.call_one(curr_policy_version=step)", S02, "## 9. Weight synchronisation"),
     ("streaming", "loss = await trainer.train_step.call_one(inputs, targets)", S02, "## 9. Weight synchronisation"),
     ("streaming", "await asyncio.sleep(0.1)", S02, "## 9. Weight synchronisation"),
-    # Sessions: the counter without sessions (ERRATA 4)
+    # Sessions: the counter without sessions (docs/tutorial_differences.md#counter-values)
     ("counter", "class ForgeCounter(ForgeActor):", S02, "## 6. Sticky sessions"),
     ("counter", "ForgeCounter.options(procs=1, num_replicas=4).as_service(initial_value=0)", S02, "## 6. Sticky sessions"),
     ("counter", "await counter_service.increment.route()", S02, "## 6. Sticky sessions"),
@@ -59,7 +59,7 @@ TUTORIAL_CALLS = [
     ("counter session", "await counter_service.reset.route()", S02, "## 6. Sticky sessions"),
     ("counter session", "final_value = await counter_service.get_value.route()", S02, "## 6. Sticky sessions"),
     ("counter session", "await counter_service.shutdown()", S02, "## 6. Sticky sessions"),
-    # The KV cache problem: naive (ERRATA 5) and with sessions
+    # The KV cache problem: naive (docs/tutorial_differences.md#choose-on-service) and with sessions
     ("kv cache naive", "await policy_service.generate.choose(question1)", S02, "## 7. The KV-cache problem"),
     ("kv cache session", "async with policy.session():", S02, "## 7. The KV-cache problem"),
     ("kv cache session", "await policy.generate.route(prompt", S02, "## 7. The KV-cache problem"),
@@ -76,21 +76,21 @@ TUTORIAL_CALLS = [
     ("weight sync", "await trainer.push_weights.call_one(policy_version=step + 1)", S02, "## 9. Weight synchronisation"),
     ("weight sync", "await policy.update_weights.fanout(policy_version=step + 1)", S02, "## 9. Weight synchronisation"),
     ("weight sync", "current_version = await policy.get_version.route()", S02, "## 9. Weight synchronisation"),
-    # simple_rl_step (ERRATA 7, 9, 10, 11, 15), defined in section 10, run once everything is up
+    # simple_rl_step, defined in section 10, run once everything is up (each fix cited at its call)
     ("simple rl step", "async def simple_rl_step():", S02, "## 10. Asynchronous coordination"),
     ("simple rl step", "sample = await dataloader.sample.call_one()", S02, "## 10. Asynchronous coordination"),
     ("simple rl step", 'prompt, target = sample["request"], sample["target"]', S02, "## 10. Asynchronous coordination"),
     ("simple rl step", "await policy.generate.route(prompt=prompt", S02, "## 10. Asynchronous coordination"),
     ("simple rl step", "input_ids = torch.cat([action.prompt_ids, action.token_ids])", S02, "## 10. Asynchronous coordination"),
-    ("simple rl step", "await ref_model.forward.route(", S02, "## 10. Asynchronous coordination"),
-    ("simple rl step", "max_req_tokens=len(action.prompt_ids), return_logprobs=True", S02, "## 10. Asynchronous coordination"),
+    ("simple rl step", "await ref_model.forward.route(", S02, "## 10. Asynchronous coordination"),  # docs/tutorial_differences.md#reference-model-service
+    ("simple rl step", "max_req_tokens=len(action.prompt_ids), return_logprobs=True", S02, "## 10. Asynchronous coordination"),  # docs/tutorial_differences.md#max-req-tokens
     ("simple rl step", "await reward_actor.evaluate_response.route(", S02, "## 10. Asynchronous coordination"),
     ("simple rl step", "episode = Episode(", S02, "## 10. Asynchronous coordination"),
-    ("simple rl step", "Group.new_group(", S02, "## 10. Asynchronous coordination"),
+    ("simple rl step", "Group.new_group(", S02, "## 10. Asynchronous coordination"),  # docs/tutorial_differences.md#group-of-one
     ("simple rl step", "await compute_advantages.compute.call_one(group)", S02, "## 10. Asynchronous coordination"),
     ("simple rl step", "inputs, targets = batch", S02, "## 10. Asynchronous coordination"),
-    ("simple rl step", "await trainer.train_step.call_one(inputs, targets)", S02, "## 10. Asynchronous coordination"),
-    ("simple rl step", "loss = await simple_rl_step()", S02, "## 13. The whole orchestration"),
+    ("simple rl step", "await trainer.train_step.call_one(inputs, targets)", S02, "## 10. Asynchronous coordination"),  # docs/tutorial_differences.md#call-returns-mesh
+    ("simple rl step", "loss = await simple_rl_step()", S02, "## 13. The whole orchestration"),  # docs/tutorial_differences.md#zero-loss
     # Handling speed mismatches with service scaling
     ("scaling", "Policy.options(procs=1, num_replicas=8, with_gpus=True)", S02, "## 11. Speed mismatches"),
     ("scaling", "RewardActor.options(procs=1, num_replicas=16, with_gpus=False)", S02, "## 11. Speed mismatches"),
@@ -98,28 +98,28 @@ TUTORIAL_CALLS = [
     ("scaling", "reward_actor = await RewardActor.options(", S02, "## 11. Speed mismatches"),
     ("scaling", "await reward_actor.scale(", S02, "## 11. Speed mismatches"),
     ("scaling", 'optimizer={"name": "AdamW", "lr": 1e-5}', S02, "## 9. Weight synchronisation"),
-    # Service implementation example: the tutorial's RewardActor (ERRATA 14)
+    # Service implementation example: the tutorial's RewardActor (docs/tutorial_differences.md#reward-score)
     ("reward actor", "class RewardActor(ForgeActor):", S02, "## 12. A reward service"),
     ("reward actor", "async def evaluate_response(self, prompt: str, response: str, target: str) -> float:", S02, "## 12. A reward service"),
     ("reward actor", "reward_functions=[MathReward(), ThinkingReward()]", S02, "## 12. A reward service"),
     ("reward actor", "score = await reward_actor.evaluate_response.route(prompt=prompt, response=response, target=target)", S02, "## 12. A reward service"),
     ("reward actor", "await reward_actor.shutdown()", S02, "## 12. A reward service"),
-    # Service orchestration: the training loop (ERRATA 6-13, 15)
+    # Service orchestration: the training loop (each fix cited at its call)
     ("orchestration", "= await asyncio.gather(", S02, "## 13. The whole orchestration"),
     ("orchestration", "DatasetActor.options(procs=1).as_actor(", S02, "## 13. The whole orchestration"),
     ("orchestration", "Policy.options(procs=1, with_gpus=WITH_GPUS, num_replicas=1).as_service(", S02, "## 13. The whole orchestration"),
-    ("orchestration", "RLTrainer.options(procs=1, with_gpus=WITH_GPUS).as_actor(", S02, "## 13. The whole orchestration"),
-    ("orchestration", "ReplayBuffer.options(procs=1).as_actor(batch_size=2, max_policy_age=1, dp_size=1)", S02, "## 13. The whole orchestration"),
+    ("orchestration", "RLTrainer.options(procs=1, with_gpus=WITH_GPUS).as_actor(", S02, "## 13. The whole orchestration"),  # docs/tutorial_differences.md#default-loss
+    ("orchestration", "ReplayBuffer.options(procs=1).as_actor(batch_size=2, max_policy_age=1, dp_size=1)", S02, "## 13. The whole orchestration"),  # docs/tutorial_differences.md#buffer-collate
     ("orchestration", "ComputeAdvantages.options(procs=1).as_actor()", S02, "## 13. The whole orchestration"),
-    ("orchestration", "ReferenceModel.options(procs=1, with_gpus=WITH_GPUS, num_replicas=1).as_service(", S02, "## 13. The whole orchestration"),
+    ("orchestration", "ReferenceModel.options(procs=1, with_gpus=WITH_GPUS, num_replicas=1).as_service(", S02, "## 13. The whole orchestration"),  # docs/tutorial_differences.md#reference-model-service
     ("orchestration", "RewardActor.options(procs=1, num_replicas=1).as_service(", S02, "## 13. The whole orchestration"),
     ("orchestration", "async def production_training_loop(", S02, "## 13. The whole orchestration"),
     ("orchestration", 'responses = await policy.generate.route(sample["request"])', S02, "## 13. The whole orchestration"),
-    ("orchestration", 'target=sample["target"]', S02, "## 13. The whole orchestration"),
-    ("orchestration", "create_episode_from_grpo_data(", S02, "## 13. The whole orchestration"),
-    ("orchestration", "await replay_buffer.add.call_one(episode)", S02, "## 13. The whole orchestration"),
+    ("orchestration", 'target=sample["target"]', S02, "## 13. The whole orchestration"),  # docs/tutorial_differences.md#reward-target
+    ("orchestration", "create_episode_from_grpo_data(", S02, "## 13. The whole orchestration"),  # docs/tutorial_differences.md#episode-helper
+    ("orchestration", "await replay_buffer.add.call_one(episode)", S02, "## 13. The whole orchestration"),  # docs/tutorial_differences.md#advantages-before-add
     ("orchestration", "batch = await replay_buffer.sample.call_one(curr_policy_version=step)", S02, "## 13. The whole orchestration"),
-    ("orchestration", "await trainer.push_weights.call_one(step + 1)", S02, "## 13. The whole orchestration"),
+    ("orchestration", "await trainer.push_weights.call_one(step + 1)", S02, "## 13. The whole orchestration"),  # docs/tutorial_differences.md#call-returns-mesh
     ("orchestration", "await policy.update_weights.fanout(step + 1)", S02, "## 13. The whole orchestration"),
     ("orchestration", "DatasetActor.shutdown(dataloader)", S02, "## 13. The whole orchestration"),
     ("orchestration", "RLTrainer.shutdown(trainer)", S02, "## 13. The whole orchestration"),
@@ -129,7 +129,7 @@ TUTORIAL_CALLS = [
     ("orchestration", "reward_actor.shutdown()", S02, "## 13. The whole orchestration"),
 ]
 
-# The code blocks of part2_services.md in order (plus its API summary); each needs an entry above.
+# The code blocks of the tutorial's Part 2 in order (plus its API summary); each needs an entry above.
 TUTORIAL_BLOCKS = [
     "service configuration", "service creation", "how services work", "adverbs summary", "route", "fanout",
     "streaming", "counter", "counter session", "kv cache naive", "kv cache session",

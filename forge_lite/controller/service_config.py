@@ -1,4 +1,5 @@
-"""The settings of a service, with the defaults the tutorial and DESIGN.md give."""
+"""The settings of a service. The router defaults to round robin, as in the tutorial;
+the other defaults are the kit's own choices (each field's comment says what it controls)."""
 
 from __future__ import annotations
 

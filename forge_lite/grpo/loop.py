@@ -265,7 +265,7 @@ async def rollout_group(
 
     async def reference() -> torch.Tensor:
         # The whole group in one call, as padded episode tensors: the request
-        # ends at column request_len for every row (ERRATA 10).
+        # ends at column request_len for every row (docs/tutorial_differences.md#max-req-tokens).
         started = time.perf_counter()
         tokens = torch.stack([torch.cat([e.request_tensor, e.response_tensor]) for e in group.episodes])
         mask = torch.stack([torch.cat([e.request_mask, e.response_mask]) for e in group.episodes])
