@@ -24,7 +24,8 @@ from pathlib import Path
 
 import forge_lite  # noqa: F401  (before monarch)
 from forge_lite.grpo.config import load_config
-from forge_lite.grpo.loop import PHASES, run_grpo
+from forge_lite.grpo.recorder import PHASES
+from forge_lite.grpo.run import run_grpo
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "grpo_tiny.yaml"

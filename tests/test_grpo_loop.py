@@ -31,7 +31,9 @@ from forge_lite.data.rewards import MathReward, ThinkingReward
 from forge_lite.grpo import ComputeAdvantages, DatasetActor, Episode, Group, RewardActor
 from forge_lite.grpo.__main__ import main as cli_main
 from forge_lite.grpo.config import GRPOConfig, load_config
-from forge_lite.grpo.loop import MAX_UNIFORM_IN_A_ROW, RolloutWindow, Services, rollout_group, run_grpo
+from forge_lite.grpo.loop import MAX_UNIFORM_IN_A_ROW, RolloutWindow, rollout_group
+from forge_lite.grpo.run import run_grpo
+from forge_lite.grpo.services import Services
 from forge_lite.grpo.recorder import MetricsRecorder
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -209,7 +211,8 @@ async def test_a_group_with_equal_rewards_is_skipped_but_counted(components):
         reward_functions=[SameForEveryone()]
     )
     try:
-        services = Services(**{**components, "reward_actor": reward_actor})
+        parts = {name: handle for name, handle in components.items() if name != "store"}
+        services = Services(**{**parts, "reward_actor": reward_actor})
         pad_id = await components["dataloader"].pad_token.call_one()
         buffer = components["replay_buffer"]
         await buffer.clear.call_one()
@@ -219,7 +222,7 @@ async def test_a_group_with_equal_rewards_is_skipped_but_counted(components):
                 "policy": {"max_tokens": 32}, "data": {"request_len": 96},
             })
             window = RolloutWindow()
-            await rollout_group(services, config, pad_id, window, behaviour_kl={})
+            await rollout_group(services, config, pad_id, window)
             # Scored either way: the step's reward describes every response.
             assert window.rewards == [0.5, 0.5] and len(window.correct) == 2
             assert window.skipped_groups == skipped
@@ -233,7 +236,7 @@ async def test_a_group_with_equal_rewards_is_skipped_but_counted(components):
             "policy": {"max_tokens": 32}, "data": {"request_len": 96},
         })
         with pytest.raises(RuntimeError, match="skip_uniform_groups=false"):
-            await rollout_group(services, config, pad_id, window, behaviour_kl={})
+            await rollout_group(services, config, pad_id, window)
     finally:
         await components["replay_buffer"].clear.call_one()
         await reward_actor.shutdown()

@@ -25,7 +25,7 @@ from forge_lite.data.rewards import MathReward
 from forge_lite.grpo import Episode, RewardActor
 from forge_lite.grpo.advantages import group_advantages
 from forge_lite.grpo.collate import grpo_collate
-from forge_lite.grpo.loop import k3_kl as rollout_k3_kl
+from forge_lite.grpo.loss import response_kl as rollout_k3_kl
 from forge_lite.grpo.loss import grpo_loss, k3_kl
 from monarch.actor import ActorError
 

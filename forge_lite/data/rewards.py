@@ -282,3 +282,7 @@ if ThinkingReward.__doc__:
         "Examples (THINKING_EXAMPLES, each one checked by tests/test_rewards.py):",
         ["prompt", "response", "score", "why"], THINKING_EXAMPLES,
     )
+
+
+#: The reward functions a GRPO config can name (``reward.functions``).
+REWARD_FUNCTIONS = {"math": MathReward, "thinking": ThinkingReward}

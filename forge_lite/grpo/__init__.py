@@ -5,7 +5,8 @@
 rewards into advantages. ``episode_from_completion`` (alias
 ``create_episode_from_grpo_data``, the name the tutorial uses without
 defining it) builds an Episode from one generated Completion.
-``run_grpo`` / ``GRPORun`` run the whole loop (``forge_lite.grpo.loop``).
+``run_grpo`` / ``GRPORun`` run the whole loop (``forge_lite.grpo.run``; the
+two loops themselves are ``forge_lite.grpo.loop``).
 
 Names are imported on first use: a RewardActor replica then loads only the
 reward code, not torch (about 3 s per process on a laptop core).
@@ -22,8 +23,8 @@ _HOMES = {
     "episode_from_completion": "forge_lite.grpo.episode",
     "RewardActor": "forge_lite.grpo.reward_actor",
     # The runnable loop (python -m forge_lite.grpo) and what it reports to.
-    "GRPORun": "forge_lite.grpo.loop",
-    "run_grpo": "forge_lite.grpo.loop",
+    "GRPORun": "forge_lite.grpo.run",
+    "run_grpo": "forge_lite.grpo.run",
     "load_config": "forge_lite.grpo.config",
     "MetricsRecorder": "forge_lite.grpo.recorder",
 }

@@ -15,7 +15,7 @@ import sys
 
 import forge_lite  # noqa: F401  (before monarch)
 from forge_lite.grpo.config import load_config
-from forge_lite.grpo.loop import run_grpo
+from forge_lite.grpo.run import run_grpo
 
 
 def main(argv: list[str] | None = None) -> int:

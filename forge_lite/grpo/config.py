@@ -25,8 +25,10 @@ from typing import Any, Iterable
 
 import yaml
 
-#: The reward functions a config can name, from ``forge_lite.data.rewards``.
-REWARD_FUNCTION_NAMES = ("math", "thinking")
+from forge_lite.data.rewards import REWARD_FUNCTIONS
+
+#: The reward functions a config can name.
+REWARD_FUNCTION_NAMES = tuple(REWARD_FUNCTIONS)
 
 
 @dataclass

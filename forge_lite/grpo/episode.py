@@ -42,6 +42,9 @@ class Episode:
     ref_logprobs: torch.Tensor | None = None
     reward: float | None = None
     advantage: float | None = None
+    # KL between the reference and the policy version that sampled the
+    # response (mean over its tokens): reported, never trained on.
+    behaviour_kl: float | None = None
 
     @property
     def request_tensor(self) -> torch.Tensor:
@@ -171,6 +174,23 @@ class Group:
             for i in range(group_size)
         ]
         return cls(group_id=str(group_id), episodes=episodes)
+
+    @classmethod
+    def from_completions(
+        cls, completions: Sequence[Any], request: str, target: Any, pad_id: int,
+        request_len: int, response_len: int, group_id: str | None = None,
+    ) -> Group:
+        """A group of one episode per Completion of one ``generate`` call
+        (text and tokens filled in), at the weight version that generated them."""
+        group = cls.new_group(
+            uuid.uuid4().hex[:8] if group_id is None else group_id, len(completions), request,
+            completions[0].generator_version, pad_id, request_len, response_len, target,
+        )
+        for episode, completion in zip(group.episodes, completions):
+            episode.response = completion.text
+            episode.request_tokens = completion.prompt_ids.tolist()
+            episode.response_tokens = completion.token_ids.tolist()
+        return group
 
 
 def episode_from_completion(

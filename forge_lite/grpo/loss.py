@@ -76,12 +76,19 @@ def k3_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor
     0, which the estimator never is. All three tensors have one shape
     (``[B, T]`` in the loss, ``[T]`` for one response); so does the result,
     in the logprobs' dtype. This is the one definition of the KL: the loss
-    and the rollout's reported KL (``forge_lite.grpo.loop.k3_kl``) both use it.
+    and the rollout's reported KL (``response_kl``) both use it.
     """
     mask = mask.bool()
     # Both 0 at masked positions, so r = 0 and the KL there is exactly 0.
     log_ratio = unmasked(ref_logprobs, mask) - unmasked(logprobs, mask)
     return torch.expm1(log_ratio) - log_ratio
+
+
+def response_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
+    """One response's KL to the reference: the mean over its tokens (``[T]``
+    each) of ``k3_kl``, in float64 for the tiny KLs of nearly equal models."""
+    every_token = torch.ones_like(logprobs, dtype=torch.bool)
+    return float(k3_kl(ref_logprobs.double(), logprobs.double(), every_token).mean())
 
 
 def grpo_loss(

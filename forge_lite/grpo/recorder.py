@@ -3,7 +3,8 @@
 The training loop calls ``record_step(...)`` once per optimiser step and
 ``record_versions(...)`` when policy replicas change weights. Listeners (a
 TrainingDashboard, a tqdm bar) subscribe; ``steps`` keeps the whole run,
-which is small (one row per step).
+which is small (one row per step). A listener that raises is reported once
+and does not stop the run or the other listeners.
 """
 
 from __future__ import annotations
@@ -11,6 +12,13 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
+
+from forge_lite.controller.service.events import CallbackErrors
+
+
+#: The phases a step's time is split into (``StepRecord.time_split_s``): the
+#: rollout tasks' (summed over tasks) and the training loop's.
+PHASES = ("generate", "reward", "reference", "train", "sync")
 
 
 @dataclass(frozen=True)
@@ -27,7 +35,7 @@ class StepRecord:
     buffer_size: int
     tokens_per_s: float
     step_time_s: float
-    time_split_s: dict = field(default_factory=dict)  # "generate", "reward", "reference", "train", "sync"
+    time_split_s: dict = field(default_factory=dict)  # seconds per phase (PHASES)
     skipped_groups: int = 0  # groups with equal rewards left out of the buffer since the previous step
     time: float = field(default_factory=time.time)
 
@@ -53,18 +61,19 @@ class MetricsRecorder:
         self.steps: list[StepRecord] = []
         self.versions: list[VersionRecord] = []
         self._listeners: list[Listener] = []
+        self._errors = CallbackErrors("recorder listener")
 
     def subscribe(self, listener: Listener, replay: bool = True) -> Callable[[], None]:
         """Call ``listener(record)`` for every record; returns an unsubscribe function."""
         if replay:
             for record in sorted(self.steps + self.versions, key=lambda r: r.time):
-                listener(record)
+                self._errors.call(listener, record)
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
     def _publish(self, record) -> None:
         for listener in tuple(self._listeners):
-            listener(record)
+            self._errors.call(listener, record)
 
     def record_step(self, **values) -> StepRecord:
         record = StepRecord(**values)

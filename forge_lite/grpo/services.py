@@ -1,0 +1,132 @@
+"""The components of a GRPO run: started together, stopped together.
+
+``Services`` names each one and says what it is: a *service* (replicas
+behind ``route`` / ``fanout``: the policy, the reference model, the reward
+functions) or an *actor* (one process mesh, called with Monarch's
+``call_one`` / ``call``: the dataset, the trainer, the replay buffer, the
+advantage computation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sys
+from dataclasses import dataclass
+
+from monarch._src.actor.actor_mesh import ActorMesh
+
+from forge_lite.actors.policy import Policy
+from forge_lite.actors.reference_model import ReferenceModel
+from forge_lite.actors.replay_buffer import ReplayBuffer
+from forge_lite.actors.trainer import RLTrainer
+from forge_lite.actors.weights import WeightStore
+from forge_lite.controller import ForgeActor
+from forge_lite.controller.service import ServiceInterface
+from forge_lite.data.rewards import REWARD_FUNCTIONS
+from forge_lite.grpo.advantages import ComputeAdvantages
+from forge_lite.grpo.config import GRPOConfig
+from forge_lite.grpo.dataset import DatasetActor
+from forge_lite.grpo.loss import grpo_loss
+from forge_lite.grpo.reward_actor import RewardActor
+
+
+@dataclass
+class Services:
+    """Every actor and service of a run (``eval_data`` is gone once read)."""
+
+    dataloader: ActorMesh  # DatasetActor: sample(), pad_token()
+    policy: ServiceInterface  # Policy: generate(), update_weights(), get_version()
+    trainer: ActorMesh  # RLTrainer: train_step(), push_weights()
+    replay_buffer: ActorMesh  # ReplayBuffer: add(), sample(), numel()
+    compute_advantages: ActorMesh  # ComputeAdvantages: compute()
+    ref_model: ServiceInterface  # ReferenceModel: forward()
+    reward_actor: ServiceInterface  # RewardActor: evaluate_response()
+    eval_data: ActorMesh | None = None  # DatasetActor on the held-out split
+
+
+async def start_services(config: GRPOConfig, store: WeightStore) -> Services:
+    """Start every component concurrently; on any failure stop those that started.
+
+    ``store`` is the run's weight store: the trainer publishes to it, the
+    policy replicas load from it."""
+    c = config
+    response_len = c.policy.max_tokens
+    starts = {
+        "dataloader": DatasetActor.options(procs=1).as_actor(
+            path=c.data.path, revision=c.data.revision, data_split=c.data.train_split,
+            streaming=c.data.streaming, model=c.model,
+        ),
+        "policy": Policy.options(
+            procs=1, num_replicas=c.policy.num_replicas, with_gpus=c.policy.with_gpus,
+            max_concurrent_requests=c.policy.max_concurrent_requests,
+        ).as_service(
+            engine_config={"model": c.model, "backend": c.policy.backend, **c.policy.engine},
+            sampling_config={
+                "n": c.group_size, "max_tokens": c.policy.max_tokens,
+                "temperature": c.policy.temperature, "top_p": c.policy.top_p,
+            },
+            weight_store=store,
+        ),
+        "trainer": RLTrainer.options(procs=c.trainer.procs, with_gpus=c.trainer.with_gpus).as_actor(
+            model=c.model,
+            optimizer={"name": c.trainer.optimizer, "lr": c.trainer.lr, "weight_decay": c.trainer.weight_decay},
+            training={
+                "local_batch_size": c.trainer.local_batch_size,
+                "seq_len": c.data.request_len + response_len,
+                "max_norm": c.trainer.max_norm,
+                "warmup_steps": c.trainer.warmup_steps,
+                "decay_steps": c.steps if c.trainer.lr_decay else None,
+                "dtype": c.trainer.dtype,
+            },
+            loss=functools.partial(grpo_loss, beta=c.trainer.beta),
+            weight_store=store,
+        ),
+        # collate=None: the loop wants the Episodes themselves, to report their
+        # rewards and ages; it collates them for the trainer itself.
+        "replay_buffer": ReplayBuffer.options(procs=1).as_actor(
+            batch_size=c.batch_size, max_policy_age=c.max_policy_age, dp_size=1, collate=None
+        ),
+        "compute_advantages": ComputeAdvantages.options(procs=1).as_actor(),
+        "ref_model": ReferenceModel.options(
+            procs=1, num_replicas=c.reference.num_replicas, with_gpus=c.reference.with_gpus
+        ).as_service(model=c.model, dtype=c.reference.dtype),
+        "reward_actor": RewardActor.options(procs=1, num_replicas=c.reward.num_replicas).as_service(
+            reward_functions=[REWARD_FUNCTIONS[name]() for name in c.reward.functions]
+        ),
+    }
+    if c.eval_samples:
+        starts["eval_data"] = DatasetActor.options(procs=1).as_actor(
+            path=c.data.path, revision=c.data.revision, data_split=c.data.eval_split,
+            streaming=c.data.streaming, model=c.model,
+        )
+    tasks = {name: asyncio.ensure_future(start) for name, start in starts.items()}
+    try:
+        await asyncio.gather(*tasks.values())
+    except BaseException:
+        # One failed (or Ctrl-C): stop the starts still running (a cancelled
+        # start stops its own processes), then whatever had already started.
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.wait(tasks.values())
+        await shutdown_all(
+            [t.result() for t in tasks.values() if not t.cancelled() and t.exception() is None]
+        )
+        raise
+    return Services(**{name: task.result() for name, task in tasks.items()})
+
+
+async def shutdown_all(handles) -> None:
+    """Stop actors and services alike (``ForgeActor.shutdown`` takes either).
+
+    One after another: measured on 2 cores, the seven components of a run stop
+    in about 8 s in turn, while stopping them all at once ran into the 10 s
+    stop timeout, after which their processes are killed instead.
+    """
+    for handle in handles:
+        if handle is None:
+            continue
+        try:
+            await ForgeActor.shutdown(handle)
+        except Exception as error:
+            print(f"warning: a component did not shut down cleanly: {error!r}", file=sys.stderr)
