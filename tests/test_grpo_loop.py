@@ -42,6 +42,7 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FAST = [
     "steps=3", "group_size=2", "batch_size=4", "num_rollout_tasks=2", "eval_samples=4",
     "policy.backend=transformers", "policy.max_tokens=32", "data.request_len=96",
+    "reference.kl_samples=null",  # every response's KL, so every step reports one
 ]
 
 
@@ -240,6 +241,24 @@ async def test_a_group_with_equal_rewards_is_skipped_but_counted(components):
     finally:
         await components["replay_buffer"].clear.call_one()
         await reward_actor.shutdown()
+
+
+@pytest.mark.slow
+async def test_with_kl_samples_the_reference_scores_only_a_sample(components):
+    services = Services(**{name: handle for name, handle in components.items() if name != "store"})
+    pad_id = await components["dataloader"].pad_token.call_one()
+    config = GRPOConfig.from_dict({
+        "group_size": 4, "trainer": {"beta": 0.0}, "reference": {"kl_samples": 1},
+        "policy": {"max_tokens": 32}, "data": {"request_len": 96},
+    })
+    try:
+        group = await rollout_group(services, config, pad_id, RolloutWindow())
+        assert [e.ref_logprobs is not None for e in group.episodes] == [True, False, False, False]
+        assert group.episodes[0].behaviour_kl >= 0
+        assert all(e.reward is not None and e.advantage is not None for e in group.episodes)
+        assert await components["replay_buffer"].numel.call_one() == 4
+    finally:
+        await components["replay_buffer"].clear.call_one()
 
 
 def run_store_dirs() -> set[str]:

@@ -209,8 +209,10 @@ class RLTrainer(ForgeActor):
             attention_mask = attention_mask.to(device)
         # The collate puts every response at the same column.
         request_len = tokens.shape[1] - target["response"].shape[1]
+        # No ref_logprobs when the run left the reference model out (beta 0).
         loss_inputs = {
-            key: target[key].to(device) for key in ("ref_logprobs", "advantages", "padding_mask")
+            key: target[key].to(device) if key in target else None
+            for key in ("ref_logprobs", "advantages", "padding_mask")
         }
 
         batch_size = tokens.shape[0]
@@ -227,9 +229,9 @@ class RLTrainer(ForgeActor):
                 mask = None if attention_mask is None else attention_mask[rows]
                 logits = causal_lm_logits(self.trained, tokens[rows], mask)
                 logprobs = response_logprobs(logits, tokens[rows], request_len)
-                loss = self.loss(
-                    logprobs, **{key: value[rows] for key, value in loss_inputs.items()}
-                )
+                loss = self.loss(logprobs, **{
+                    key: None if value is None else value[rows] for key, value in loss_inputs.items()
+                })
                 # The loss is a mean over a micro-batch's sequences; weighting it
                 # by the micro-batch's share of the whole batch makes the summed
                 # gradients the whole batch's mean. DDP divides the summed

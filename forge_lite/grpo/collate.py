@@ -8,6 +8,10 @@ first half of the episodes goes to rank 0 and the second half to rank 1:
     targets = [{"response": [b, res], "ref_logprobs": [b, res],
                 "advantages": [b, 1], "padding_mask": [b, res]}, ...]
 
+``ref_logprobs`` is left out when some episode has none: a run with beta 0
+that asks the reference model about a sample of responses only (for the
+reported KL); the GRPO loss then leaves the KL term out.
+
 ``tokens`` is each episode's left-padded request followed by its
 right-padded response, so every response starts at column ``req``; the
 trainer finds ``req`` as ``tokens.shape[1] - response.shape[1]``.
@@ -57,6 +61,7 @@ def grpo_collate(episodes: list[Episode], dp_size: int = 1) -> tuple[list[dict],
             )
         check_finite(episode)
 
+    with_reference = all(e.ref_logprobs is not None for e in episodes)
     per_rank = len(episodes) // dp_size
     inputs, targets = [], []
     for rank in range(dp_size):
@@ -71,16 +76,14 @@ def grpo_collate(episodes: list[Episode], dp_size: int = 1) -> tuple[list[dict],
                 "attention_mask": torch.cat([request_mask, response_mask], dim=1),
             }
         )
-        targets.append(
-            {
-                "response": response,
-                "ref_logprobs": torch.stack([e.padded_ref_logprobs for e in chunk]),
-                "advantages": torch.tensor(
-                    [[float(e.advantage)] for e in chunk], dtype=torch.float32
-                ),
-                "padding_mask": response_mask,
-            }
-        )
+        target = {
+            "response": response,
+            "advantages": torch.tensor([[float(e.advantage)] for e in chunk], dtype=torch.float32),
+            "padding_mask": response_mask,
+        }
+        if with_reference:
+            target["ref_logprobs"] = torch.stack([e.padded_ref_logprobs for e in chunk])
+        targets.append(target)
     return inputs, targets
 
 

@@ -87,16 +87,19 @@ async def rollout_group(s: Services, config: GRPOConfig, pad_id: int, window: Ro
     group = Group.from_completions(
         completions, request, target, pad_id, config.data.request_len, config.policy.max_tokens
     )
+    # The reference scores every response, or (beta 0) the first kl_samples.
+    with_reference = group.episodes[: config.reference.kl_samples]
     rewards, ref_logprobs = await asyncio.gather(
         timed(window.seconds, "reward", score(s, group)),
-        timed(window.seconds, "reference", reference_logprobs(s, group, config.data.request_len)),
+        timed(window.seconds, "reference", reference_logprobs(s, with_reference, config.data.request_len)),
     )
     window.record_rollout(group, completions, rewards)
     if config.skip_uniform_groups and window.skip_uniform(rewards):
         return group
 
-    for episode, completion, reward, row in zip(group.episodes, completions, rewards, ref_logprobs):
+    for episode, reward in zip(group.episodes, rewards):
         episode.reward = reward
+    for episode, completion, row in zip(with_reference, completions, ref_logprobs):
         episode.ref_logprobs = row[: len(completion.token_ids)]
         episode.behaviour_kl = response_kl(episode.ref_logprobs, completion.logprobs)
     advantages = await s.compute_advantages.compute.call_one(group)
@@ -114,14 +117,14 @@ async def score(s: Services, group: Group) -> list[float]:
     ))
 
 
-async def reference_logprobs(s: Services, group: Group, request_len: int) -> torch.Tensor:
-    """The reference model's logprobs of every response, ``[group_size, response_len]``.
+async def reference_logprobs(s: Services, episodes: list[Episode], request_len: int) -> torch.Tensor:
+    """The reference model's logprobs of each episode's response, ``[len(episodes), response_len]``.
 
-    The whole group in one call, as padded episode tensors: the request ends
-    at column request_len for every row (docs/tutorial_differences.md#max-req-tokens).
+    In one call, as padded episode tensors: the request ends at column
+    request_len for every row (docs/tutorial_differences.md#max-req-tokens).
     """
-    tokens = torch.stack([torch.cat([e.request_tensor, e.response_tensor]) for e in group.episodes])
-    mask = torch.stack([torch.cat([e.request_mask, e.response_mask]) for e in group.episodes])
+    tokens = torch.stack([torch.cat([e.request_tensor, e.response_tensor]) for e in episodes])
+    mask = torch.stack([torch.cat([e.request_mask, e.response_mask]) for e in episodes])
     return await s.ref_model.forward.route(
         tokens, max_req_tokens=request_len, return_logprobs=True, attention_mask=mask
     )
@@ -193,7 +196,7 @@ async def record_step(
         reward_mean=sum(rewards) / len(rewards),
         accuracy=sum(correct) / len(correct),
         loss=loss,
-        kl=sum(e.behaviour_kl for e in episodes) / len(episodes),
+        kl=mean_kl(episodes),
         trainer_version=version,
         episode_ages=tuple(version - e.policy_version for e in episodes),
         buffer_size=await s.replay_buffer.numel.call_one(),
@@ -202,6 +205,13 @@ async def record_step(
         time_split_s={**rollouts.seconds, **seconds},
         skipped_groups=rollouts.skipped_groups,
     )
+
+
+def mean_kl(episodes: list[Episode]) -> float:
+    """The batch's KL to the reference: the mean over the responses the
+    reference scored (every one, or a sample with ``reference.kl_samples``)."""
+    kls = [e.behaviour_kl for e in episodes if e.behaviour_kl is not None]
+    return sum(kls) / len(kls) if kls else float("nan")
 
 
 class RolloutWindow:

@@ -93,7 +93,7 @@ def response_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
 
 def grpo_loss(
     logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     padding_mask: torch.Tensor,
     beta: float = DEFAULT_BETA,
@@ -104,12 +104,24 @@ def grpo_loss(
     Only positions where ``padding_mask`` is true count: the loss and its
     gradient are the same whatever ``logprobs`` and ``ref_logprobs`` hold at
     the others, inf and NaN included (the gradient there is 0).
+
+    With ``beta == 0`` the KL term is left out, not multiplied by 0 (0 * inf
+    is NaN), and ``ref_logprobs`` may be None: a run that skips the reference
+    model. Raises ValueError for ``ref_logprobs=None`` with ``beta > 0``.
     """
     mask = padding_mask.bool()
     policy = unmasked(logprobs, mask)
-    kl = k3_kl(ref_logprobs, policy, mask)
     ratio = torch.exp(policy - policy.detach())
-    per_token = unmasked(-(ratio * advantages - beta * kl), mask)
+    per_token = -ratio * advantages
+    if beta:
+        if ref_logprobs is None:
+            raise ValueError(
+                f"the KL penalty (beta={beta}) needs the reference model's logprobs of every "
+                "response, but the batch has none; score every response with the reference "
+                "(reference.kl_samples unset) or set beta to 0"
+            )
+        per_token = per_token + beta * k3_kl(ref_logprobs, policy, mask)
+    per_token = unmasked(per_token, mask)
     tokens_per_sequence = mask.sum(dim=1).clamp(min=1)
     per_sequence = per_token.sum(dim=1) / tokens_per_sequence
     return per_sequence.mean()
