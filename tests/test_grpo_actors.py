@@ -63,10 +63,16 @@ async def test_reward_actor_scores_the_tutorial_example():
         tagged = await rewards.evaluate_response.call_one(
             "What is 15% of 240?", "<think>15% of 240 = 36</think><answer>36</answer>", "36"
         )
+        # A whole group in one call scores each response as evaluate_response does.
+        group = await rewards.evaluate_responses.call_one(
+            "What is 15% of 240?", ["15% of 240 is 36", "<think>15% of 240 = 36</think><answer>36</answer>",
+                                    "<think>no</think><answer>35</answer>"], "36"
+        )
     finally:
         await RewardActor.shutdown(rewards)
     assert untagged == pytest.approx(0.05)
     assert tagged == 1.0
+    assert group == [untagged, tagged, 0.5]
 
 
 async def test_reward_actor_without_functions_is_refused():

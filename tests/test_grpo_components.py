@@ -292,6 +292,17 @@ def test_buffer_returns_none_until_it_has_a_batch():
     assert buffer.size() == 0  # sampled episodes leave the buffer
 
 
+def test_buffer_extend_stores_a_group_all_or_none():
+    buffer = filled_buffer(count=0)
+    buffer.extend([make_episode("a"), make_episode("b")])
+    assert buffer.size() == 2
+    bad = make_episode("bad")
+    bad.reward = float("nan")
+    with pytest.raises(ValueError, match="'bad'.*reward=nan"):
+        buffer.extend([make_episode("c"), bad])
+    assert buffer.size() == 2  # "c" was not stored either
+
+
 def test_buffer_evicts_by_policy_age_before_sampling():
     buffer = LocalReplayBuffer(batch_size=2, max_policy_age=1)
     for version in (0, 1, 2, 3):

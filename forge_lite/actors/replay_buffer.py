@@ -68,6 +68,17 @@ class LocalReplayBuffer:
         ref_logprobs hold NaN or +-inf: refused here, a bad number would
         surface only later, as a NaN loss in some batch it was sampled into.
         """
+        self.extend([episode])
+
+    def extend(self, episodes: list) -> None:
+        """``add`` each of ``episodes``, all or none: if one is refused (as
+        ``add`` says), none is stored."""
+        for episode in episodes:
+            self._check(episode)
+        self.episodes.extend(episodes)
+
+    @staticmethod
+    def _check(episode: Any) -> None:
         if not isinstance(getattr(episode, "policy_version", None), int):
             raise TypeError(
                 f"a replay buffer item needs an integer policy_version, got "
@@ -75,7 +86,6 @@ class LocalReplayBuffer:
                 f"{getattr(episode, 'policy_version', None)!r}"
             )
         check_finite(episode)
-        self.episodes.append(episode)
 
     def sample(self, curr_policy_version: int, batch_size: int | None = None) -> Any | None:
         """A collated batch of ``batch_size * dp_size`` episodes, or None if too few.
@@ -155,6 +165,11 @@ class ReplayBuffer(ForgeActor):
     @endpoint
     def add(self, episode: Any) -> None:
         self.buffer.add(episode)
+
+    @endpoint
+    def extend(self, episodes: list) -> None:
+        """``add`` each of ``episodes`` (a group's) in one call, all or none."""
+        self.buffer.extend(episodes)
 
     @endpoint
     def sample(self, curr_policy_version: int, batch_size: int | None = None) -> Any | None:

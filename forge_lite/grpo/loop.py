@@ -105,16 +105,16 @@ async def rollout_group(s: Services, config: GRPOConfig, pad_id: int, window: Ro
     advantages = await s.compute_advantages.compute.call_one(group)
     for episode, advantage in zip(group.episodes, advantages):
         episode.advantage = advantage
-        await s.replay_buffer.add.call_one(episode)
+    await s.replay_buffer.extend.call_one(group.episodes)  # `add` for each, in one call
     return group
 
 
 async def score(s: Services, group: Group) -> list[float]:
-    """Every response's reward, one request per response to the reward service."""
-    return await asyncio.gather(*(
-        s.reward_actor.evaluate_response.route(prompt=e.request, response=e.response, target=e.target)
-        for e in group.episodes
-    ))
+    """Every response's reward: ``evaluate_response`` for each, in one call."""
+    first = group.episodes[0]  # one prompt and one target for the whole group
+    return await s.reward_actor.evaluate_responses.route(
+        prompt=first.request, responses=[e.response for e in group.episodes], target=first.target
+    )
 
 
 async def reference_logprobs(s: Services, episodes: list[Episode], request_len: int) -> torch.Tensor:

@@ -50,6 +50,15 @@ class RewardActor(ForgeActor):
         Raises ValueError, naming the reward function and the response, when a
         function scores NaN or +-inf.
         """
+        return self._score(prompt, response, target)
+
+    @endpoint
+    def evaluate_responses(self, prompt: str, responses: list[str], target: str) -> list[float]:
+        """``evaluate_response`` for each of a group's responses to one prompt,
+        in one call: a GRPO group is scored with one round trip, not one per response."""
+        return [self._score(prompt, response, target) for response in responses]
+
+    def _score(self, prompt: str, response: str, target: str) -> float:
         scores = []
         for fn in self.reward_functions:
             score = float(fn(prompt, response, target))
