@@ -147,9 +147,6 @@ async def test_training_dashboard_follows_the_recorder():
 async def test_kv_counters_rise_with_a_sticky_conversation_on_the_policy(tmp_path, monkeypatch):
     from forge_lite.actors.policy import Policy
 
-    # Its own weight directory: a Policy loads the newest version it finds there.
-    monkeypatch.setenv("FORGE_LITE_WEIGHTS_DIR", str(tmp_path))
-
     policy = await Policy.options(num_replicas=2).as_service(
         engine_config={"backend": "transformers"},
         sampling_config={"max_tokens": 8, "temperature": 0.0},

@@ -6,7 +6,8 @@ the last routing decisions with the router's reason, a replica × time strip
 coloured by session, prompt tokens served from the KV cache, and buttons to
 kill, slow and scale replicas. It reads the service's event stream and
 nothing else (see ``service_view.py``); a redraw happens at most 10 times a
-second, from the kernel's event loop.
+second, from the kernel's event loop. A control whose action fails (kill on
+a service that was shut down) says so under the controls.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ CSS = """
 .fl-log td, .fl-log th { padding: 1px 8px; text-align: left; }
 .fl-big { font-size: 28px; font-weight: bold; font-family: sans-serif; }
 .fl-bar { display: inline-block; height: 12px; vertical-align: middle; }
+.fl-error { color: #c62828; font-family: sans-serif; font-size: 12px; }
 </style>
 """
 
@@ -61,9 +63,10 @@ class ServiceDashboard(w.VBox):
         self._kv = w.HTML()
         self._log = w.HTML()
         self._strip = w.Image(format="png", layout=w.Layout(max_width="720px"))
+        self._control_error = w.HTML()  # what the last control action raised, if anything
         self._controls = self._make_controls(controller)
         super().__init__(
-            [w.HTML(CSS), self._header, self._cards, self._controls,
+            [w.HTML(CSS), self._header, self._cards, self._controls, self._control_error,
              w.HTML("<b>KV cache: prompt tokens from cache vs computed</b>"), self._kv,
              w.HTML("<b>Routing decisions</b>"), self._log, self._strip]
         )
@@ -228,11 +231,12 @@ class ServiceDashboard(w.VBox):
                             value=controller.router.name if controller.router.name in
                             ("round_robin", "least_loaded", "prefix") else "round_robin",
                             description="router", layout=w.Layout(width="220px"))
-        kill.on_click(lambda _: self._run(self.service.kill_replica(self._replica_pick.value)))
-        slow.observe(lambda ch: self._run(self.service.slow_replica(self._replica_pick.value, 0.5 if ch["new"] else 0.0)), "value")
-        up.on_click(lambda _: self._run(self._scale(+1)))
-        down.on_click(lambda _: self._run(self._scale(-1)))
-        router.observe(lambda ch: self.service.set_router(ch["new"]), "value")
+        kill.on_click(lambda _: self._run("kill", lambda: self.service.kill_replica(self._replica_pick.value)))
+        slow.observe(lambda ch: self._run("slow", lambda: self.service.slow_replica(
+            self._replica_pick.value, 0.5 if ch["new"] else 0.0)), "value")
+        up.on_click(lambda _: self._run("scale +1", lambda: self._scale(+1)))
+        down.on_click(lambda _: self._run("scale −1", lambda: self._scale(-1)))
+        router.observe(lambda ch: self._run("router", lambda: self.service.set_router(ch["new"])), "value")
         self._buttons = {"kill": kill, "slow": slow, "up": up, "down": down, "router": router}
         return w.HBox([self._replica_pick, kill, slow, up, down, router])
 
@@ -241,9 +245,31 @@ class ServiceDashboard(w.VBox):
         await self.service.scale(target)
         self._replica_pick.options = [(f"replica {r.index}", r.index) for r in self.service.replicas]
 
-    def _run(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+    def _run(self, what: str, action) -> None:
+        """Run a control's ``action`` (sync, or async: then as a task).
+
+        An error is shown under the controls. Raised from a button handler it
+        would go to the kernel's log, where nobody looks, and a failed task
+        would only be noticed when garbage collected.
+        """
+        self._control_error.value = ""
+        try:
+            outcome = action()
+            if asyncio.iscoroutine(outcome):
+                task = asyncio.ensure_future(outcome)
+                task.add_done_callback(lambda t: self._action_done(what, t))
+        except Exception as error:
+            self._show_error(what, error)
+
+    def _action_done(self, what: str, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._show_error(what, task.exception())
+
+    def _show_error(self, what: str, error: BaseException) -> None:
+        self._control_error.value = (
+            f"<span class='fl-error'>{html.escape(what)} failed: "
+            f"{html.escape(type(error).__name__)}: {html.escape(str(error))}</span>"
+        )
 
     # ------------------------------------------------------------ static output
 

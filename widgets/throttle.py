@@ -3,7 +3,10 @@
 Events can arrive hundreds of times a second; a browser needs a few frames.
 The first call schedules the function on the running asyncio loop; calls
 until it runs are merged into that one run. No threads: the kernel's loop
-runs callbacks between (and during the awaits of) notebook cells.
+runs callbacks between (and during the awaits of) notebook cells. A redraw
+that raises is reported once (a ``CallbackWarning``) and tried again next
+time: an error there must not reach the kernel's loop, or the code that
+published the event.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Callable
+
+from forge_lite.controller.service.events import CallbackErrors
 
 
 class Throttle:
@@ -20,6 +25,7 @@ class Throttle:
         self.runs = 0
         self._last = 0.0
         self._pending: asyncio.TimerHandle | None = None
+        self._errors = CallbackErrors("redraw")
 
     def __call__(self) -> None:
         if self._pending is not None:
@@ -36,7 +42,7 @@ class Throttle:
         self._pending = None
         self._last = time.monotonic()
         self.runs += 1
-        self.fn()
+        self._errors.call(self.fn)
 
     def cancel(self) -> None:
         if self._pending is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -87,6 +88,50 @@ class ServiceStopped(Event):
 Listener = Callable[[Event], None]
 
 
+class CallbackWarning(RuntimeWarning):
+    """Code the kit called on the user's behalf raised; the kit carried on."""
+
+
+def callback_name(callback: Callable) -> str:
+    """``module.qualname`` of a function, a bound method or a callable object."""
+    target = getattr(callback, "__func__", callback)  # a bound method: its function
+    name = getattr(target, "__qualname__", None) or type(callback).__qualname__
+    module = getattr(target, "__module__", None) or type(callback).__module__
+    return f"{module}.{name}"
+
+
+class CallbackErrors:
+    """Calls code the kit runs for the user, so that its errors cannot break the kit.
+
+    A subscriber, a listener or a redraw is the user's code: when it raises,
+    the kit keeps its own bookkeeping and calls the next one. Each failing
+    callback is reported once, with a ``CallbackWarning`` naming it and its
+    error; it keeps being called, and its later errors are not reported again
+    (an error on every event would bury the notebook in warnings).
+    """
+
+    def __init__(self, role: str):
+        self.role = role  # "event subscriber", "recorder listener", ...
+        self._reported: list[Callable] = []
+
+    def call(self, callback: Callable, *args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception as error:
+            self.report(callback, error)
+
+    def report(self, callback: Callable, error: BaseException) -> None:
+        if callback in self._reported:
+            return
+        self._reported.append(callback)
+        warnings.warn(
+            f"{self.role} {callback_name(callback)} raised {type(error).__name__}: {error}; "
+            f"forge_lite carried on and keeps calling it; its later errors are not reported",
+            CallbackWarning,
+            stacklevel=3,
+        )
+
+
 class EventStream:
     """Publish/subscribe with a bounded history.
 
@@ -94,21 +139,26 @@ class EventStream:
     (keep it cheap) and returns a function that unsubscribes. ``async for
     event in stream`` yields events from now on. ``history()`` returns the
     last ``maxlen`` events, for late subscribers.
+
+    A subscriber that raises does not stop the event: the others still get
+    it, and whoever published it (the service, routing a request) carries on.
+    The error is reported once per subscriber (see ``CallbackErrors``).
     """
 
     def __init__(self, maxlen: int = 2000):
         self._history: deque[Event] = deque(maxlen=maxlen)
         self._listeners: list[Listener] = []
+        self._errors = CallbackErrors("event subscriber")
 
     def publish(self, event: Event) -> None:
         self._history.append(event)
         for listener in tuple(self._listeners):
-            listener(event)
+            self._errors.call(listener, event)
 
     def subscribe(self, listener: Listener, replay: bool = False) -> Callable[[], None]:
         if replay:
             for event in tuple(self._history):
-                listener(event)
+                self._errors.call(listener, event)
         self._listeners.append(listener)
 
         def unsubscribe() -> None:

@@ -118,7 +118,10 @@ class Replica:
                 svc.actor_cls.procs,
                 f"{svc.name}_r{self.index}",
                 gpus,
-                env={"FORGE_LITE_REPLICA": str(self.index)},
+                env={
+                    runtime.REPLICA_ENV: str(self.index),
+                    runtime.JOINING_ENV: "1" if svc.serving else "0",
+                },
             )
         except BaseException:
             _procs.release_gpus(gpus or [])

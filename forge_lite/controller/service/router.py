@@ -5,6 +5,11 @@ with room), and returns one of them with a short human-readable reason; the
 reason is what the dashboard's routing log shows. Sessions are handled before
 the router is asked (see ``sessions.py``). To write your own, subclass
 ``Router`` and pass an instance: ``options(router=MyRouter())``.
+
+A router is the user's code, so the service guards the call: when ``choose``
+raises, or returns anything but ``(one of the candidates, reason)``, that one
+request fails with the error and no replica slot is taken; the next request
+asks the router again.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class Router:
     name = "router"
 
     def choose(self, request: Request, candidates: list[ReplicaView]) -> tuple[ReplicaView, str]:
+        """Return ``(replica, reason)``; ``replica`` must be one of ``candidates``."""
         raise NotImplementedError
 
     def forget_replica(self, index: int) -> None:

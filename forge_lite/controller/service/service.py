@@ -19,6 +19,7 @@ from typing import Any
 
 from forge_lite.controller import procs as _procs
 from forge_lite.controller.service.events import (
+    CallbackErrors,
     EventStream,
     ReplicaStateChanged,
     RequestFinished,
@@ -91,6 +92,7 @@ class Service:
         self.events = EventStream(self.config.event_history)
         self.metrics = ServiceMetrics(self.events)
         self.router = make_router(self.config.router)
+        self._router_errors = CallbackErrors("router hook")  # forget_replica: a notice, not a request
         self.sessions = SessionTable()
         self.replicas: list[Replica] = []
         self.last_failure: str | None = None
@@ -99,6 +101,9 @@ class Service:
         self._tasks: set[asyncio.Task] = set()
         self._health_task: asyncio.Task | None = None
         self._shut_down = False
+        # False while the first replicas start; replicas spawned afterwards
+        # (respawns, scale-ups) are told they join a running service.
+        self.serving = False
 
     # ------------------------------------------------------------ start / stop
 
@@ -125,6 +130,7 @@ class Service:
         if errors:
             await service.shutdown()
             raise errors[0]
+        service.serving = True
         service._health_task = service._spawn_task(service._health_loop())
         return ServiceInterface(service)
 
@@ -171,14 +177,14 @@ class Service:
         request = Request(endpoint, args, kwargs, session, id=next(self._request_ids))
         while True:
             replica, reason = await self._acquire(request)
-            self.events.publish(
-                RequestRouted(request.id, endpoint, replica.index, session, self.router.name, reason, request.attempt)
-            )
             # A failure is news about the processes the call went to; by the
             # time it arrives the replica may already run fresh ones.
             generation = replica.generation
             started = time.perf_counter()
-            try:
+            try:  # from here on, whatever happens, _finish gives the slot back
+                self.events.publish(
+                    RequestRouted(request.id, endpoint, replica.index, session, self.router.name, reason, request.attempt)
+                )
                 result = await replica.call(endpoint, args, kwargs)
             except UserError as e:
                 # The endpoint's own code raised: a successful round trip.
@@ -210,14 +216,16 @@ class Service:
             replica.requests_served += 1
             if ok or isinstance(error, Exception):
                 replica.consecutive_failures = 0
-        self.events.publish(
-            RequestFinished(
-                request.id, request.endpoint, replica.index, request.session,
-                time.perf_counter() - started, ok,
-                None if error is None else type(error).__name__, result,
+        try:
+            self.events.publish(
+                RequestFinished(
+                    request.id, request.endpoint, replica.index, request.session,
+                    time.perf_counter() - started, ok,
+                    None if error is None else type(error).__name__, result,
+                )
             )
-        )
-        self._room_freed(replica)
+        finally:  # waiting requests never depend on a subscriber returning
+            self._room_freed(replica)
 
     def _room_freed(self, replica: Replica) -> None:
         """``replica`` has a free slot again: serve waiters, then update its state.
@@ -268,15 +276,35 @@ class Service:
                 waiter.cancel()
 
     def _pick(self, request: Request) -> tuple[Replica, str] | None:
+        """A replica for ``request`` (its slot taken), or None: none has room.
+
+        Raises what the router raised, or a TypeError/ValueError when it
+        answered with something that is not one of the candidates; no slot
+        is taken then, so the error fails this one request only.
+        """
         candidates = [r for r in self.replicas if r.accepting and r.has_room]
         if request.session is not None:
             return self._pick_for_session(request.session, candidates)
         if not candidates:
             return None
-        replica, reason = self.router.choose(request, candidates)
+        replica, reason = self._ask_router(request, candidates)
         if request.failed_replicas:
             reason = f"retry after replica {request.failed_replicas[-1]} failed: {reason}"
         return self._take(replica, reason)
+
+    def _ask_router(self, request: Request, candidates: list[Replica]) -> tuple[Replica, str]:
+        """The router's choice, checked: a router may be the user's code."""
+        router = type(self.router).__name__
+        answer = self.router.choose(request, candidates)
+        if not (isinstance(answer, tuple) and len(answer) == 2):
+            raise TypeError(f"{router}.choose must return (replica, reason), it returned {answer!r}")
+        replica, reason = answer
+        if not any(replica is c for c in candidates):
+            raise ValueError(
+                f"{router}.choose returned {replica!r}, which is not one of its candidates "
+                f"(replicas {[c.index for c in candidates]})"
+            )
+        return replica, str(reason)
 
     def _pick_for_session(self, session: str, candidates: list[Replica]):
         pin = self.sessions.pinned(session)
@@ -322,7 +350,11 @@ class Service:
             request, waiter = entry = self._waiters.popleft()
             if waiter.done():
                 continue
-            picked = self._pick(request)
+            try:
+                picked = self._pick(request)
+            except Exception as error:  # the router's: it fails this waiter only
+                waiter.set_exception(error)
+                continue
             if picked is None:
                 still_waiting.append(entry)
             else:
@@ -377,7 +409,7 @@ class Service:
         self.last_failure = f"replica {replica.index}: {reason}"
         replica.consecutive_failures += 1
         replica.kill()  # a replica that stopped answering may still be alive
-        self.router.forget_replica(replica.index)
+        self._router_errors.call(self.router.forget_replica, replica.index)
         # Before FAILED is published: waiting requests read it to decide
         # between waiting for the respawn and failing now.
         replica.recovering = self.config.auto_respawn
@@ -463,10 +495,10 @@ class Service:
         """One call on one given replica (fanout): no router, no retry."""
         request = Request(endpoint, args, kwargs, None, id=next(self._request_ids))
         self._take(replica, "fanout")
-        self.events.publish(RequestRouted(request.id, endpoint, replica.index, None, "fanout", f"fanout → {replica.index}"))
         generation = replica.generation
         started = time.perf_counter()
-        try:
+        try:  # from here on, whatever happens, _finish gives the slot back
+            self.events.publish(RequestRouted(request.id, endpoint, replica.index, None, "fanout", f"fanout → {replica.index}"))
             result = await replica.call(endpoint, args, kwargs)
         except UserError as e:
             self._finish(request, replica, started, ok=False, error=e.original, healthy=True)
@@ -540,7 +572,7 @@ class Service:
                 await asyncio.sleep(0.01)
             await replica.stop()
             self.replicas.remove(replica)
-            self.router.forget_replica(replica.index)
+            self._router_errors.call(self.router.forget_replica, replica.index)
 
     async def wait_for_state(self, index: int, state: str, timeout: float = 60.0) -> None:
         """Wait until replica ``index`` is, or passes through, ``state``.
