@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -37,6 +38,44 @@ class ReplicaState(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+@dataclass
+class CircuitBreaker:
+    """Takes a replica out of rotation after repeated infrastructure failures.
+
+    Each failure (a dead process, a failed respawn) counts; a request the
+    replica served resets the count. At ``failure_threshold`` in a row the
+    breaker opens: no respawn for ``cooldown`` seconds, then one respawn
+    decides (a failed one opens it again).
+    """
+
+    consecutive_failures: int = 0
+    open_until: float = 0.0  # time.monotonic() when it closes; 0.0: closed
+
+    def record_success(self) -> None:
+        self.consecutive_failures = 0
+
+    def record_failure(self, threshold: int, cooldown: float) -> bool:
+        """Count a failure; True if that opened the breaker."""
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= threshold:
+            self.open_for(cooldown)
+            return True
+        return False
+
+    def open_for(self, cooldown: float) -> None:
+        self.open_until = time.monotonic() + cooldown
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self.open_until)
+
+    def seconds_left(self) -> float:
+        return self.open_until - time.monotonic()
+
+    def close(self) -> None:
+        self.open_until = 0.0
 
 
 class UserError(Exception):
@@ -74,8 +113,7 @@ class Replica:
         self.reason = "starting"
         self.in_flight = 0
         self.requests_served = 0
-        self.consecutive_failures = 0
-        self.breaker_open_until = 0.0
+        self.breaker = CircuitBreaker()
         self.recovering = False  # a background respawn is under way
         self.delay_s = 0.0  # injected by slow_replica()
         self.generation = 0

@@ -76,6 +76,32 @@ class FanoutResult(list):
 
 
 class Service:
+    """Replicas behind a router; what ``as_service()`` runs in the caller's process.
+
+    The life of a request (``route``):
+      1. acquire: the session's replica, or the router's choice among the
+         replicas with room; its in-flight count is taken. When every replica
+         is full the request waits in line (``_waiters``).
+      2. send (``_send``, the one place a call goes out): the call runs on the
+         replica's processes and is classified: a result, the endpoint's own
+         exception (raised to the caller as itself), or a ReplicaFailure.
+      3. finish: the slot is given back, and a freed slot goes at once to the
+         oldest waiter that can use it (``_drain``).
+      4. on a ReplicaFailure: back to 1 on another replica, up to max_retries.
+
+    A failure comes in by one of four doors: a routed call, a fanout call
+    (``_send`` for both), the health loop's probe (``_health_loop``), or
+    Monarch's fault hook (``Replica._on_mesh_failure``). All four end in
+    ``replica_failed``: the replica is marked FAILED, its circuit breaker
+    counts the failure, and ``_recover`` respawns it in the background.
+
+    Every state change can wake waiters: a replica that becomes HEALTHY
+    again serves them, and when no replica can ever take a request (every
+    one failed and none respawns) they fail with NoHealthyReplicaError
+    instead of waiting forever. Everything decided is published on
+    ``events``.
+    """
+
     _ids = itertools.count()
 
     def __init__(self, actor_cls: type, args: tuple, kwargs: dict):
@@ -151,10 +177,6 @@ class Service:
         await asyncio.gather(*(r.stop() for r in self.replicas), return_exceptions=True)
         self.events.publish(ServiceStopped(self.name))
 
-    @property
-    def is_shut_down(self) -> bool:
-        return self._shut_down
-
     def _check_open(self) -> None:
         if self._shut_down:
             raise ServiceShutdownError(
@@ -170,6 +192,9 @@ class Service:
     # ------------------------------------------------------------ route
 
     async def route(self, endpoint: str, args: tuple, kwargs: dict, sess_id: str | None = None) -> Any:
+        """Run ``endpoint`` on one replica (the session's, or the router's
+        choice); on an infrastructure failure, again on another, up to
+        ``max_retries`` times."""
         self._check_open()
         session = sess_id or current_session(self.id)
         if session is not None and session not in self.sessions:
@@ -177,24 +202,9 @@ class Service:
         request = Request(endpoint, args, kwargs, session, id=next(self._request_ids))
         while True:
             replica, reason = await self._acquire(request)
-            # A failure is news about the processes the call went to; by the
-            # time it arrives the replica may already run fresh ones.
-            generation = replica.generation
-            started = time.perf_counter()
-            try:  # from here on, whatever happens, _finish gives the slot back
-                self.events.publish(
-                    RequestRouted(request.id, endpoint, replica.index, session, self.router.name, reason, request.attempt)
-                )
-                result = await replica.call(endpoint, args, kwargs)
-            except UserError as e:
-                # The endpoint's own code raised: a successful round trip.
-                self._finish(request, replica, started, ok=False, error=e.original, healthy=True)
-                raise e.original from None
+            try:
+                return await self._send(request, replica, self.router.name, reason)
             except ReplicaFailure as e:
-                # Mark it failed first: finishing frees a slot, and a waiting
-                # request must not be handed the replica that just failed.
-                self.replica_failed(replica, str(e), generation)
-                self._finish(request, replica, started, ok=False, error=e, healthy=False)
                 request.attempt += 1
                 request.failed_replicas.append(replica.index)
                 if request.attempt > self.config.max_retries:
@@ -203,19 +213,50 @@ class Service:
                         f"{request.failed_replicas} (max_retries={self.config.max_retries}); last: {e}"
                     ) from e
                 self.events.publish(RequestRetried(request.id, endpoint, replica.index, str(e), request.attempt))
-                continue
-            except BaseException as e:  # cancelled, or bad arguments
-                self._finish(request, replica, started, ok=False, error=e, healthy=True)
-                raise
-            self._finish(request, replica, started, ok=True, result=result, healthy=True)
-            return result
+
+    async def _send(self, request: Request, replica: Replica, router: str, reason: str) -> Any:
+        """Send ``request`` to ``replica``, whose slot the caller has taken,
+        and give the slot back whatever happens. The one place a call goes out
+        (``route`` and ``fanout`` both come here) and is classified:
+
+        - the result: returned;
+        - an exception from the endpoint's own code: raised as itself, the
+          replica stays healthy (a successful round trip);
+        - ReplicaFailure (its process died or is unreachable): the replica is
+          marked FAILED, then ReplicaFailure is raised for the caller to retry;
+        - anything else (cancelled, bad arguments): raised, the replica is fine.
+        """
+        # A failure is news about the processes the call went to; by the
+        # time it arrives the replica may already run fresh ones.
+        generation = replica.generation
+        started = time.perf_counter()
+        try:  # from here on, whatever happens, _finish gives the slot back
+            self.events.publish(
+                RequestRouted(request.id, request.endpoint, replica.index, request.session, router, reason,
+                              request.attempt)
+            )
+            result = await replica.call(request.endpoint, request.args, request.kwargs)
+        except UserError as e:
+            self._finish(request, replica, started, ok=False, error=e.original, healthy=True)
+            raise e.original from None
+        except ReplicaFailure as e:
+            # Mark it failed first: finishing frees a slot, and a waiting
+            # request must not be handed the replica that just failed.
+            self.replica_failed(replica, str(e), generation)
+            self._finish(request, replica, started, ok=False, error=e, healthy=False)
+            raise
+        except BaseException as e:
+            self._finish(request, replica, started, ok=False, error=e, healthy=True)
+            raise
+        self._finish(request, replica, started, ok=True, result=result, healthy=True)
+        return result
 
     def _finish(self, request, replica, started, *, ok, healthy, result=None, error=None) -> None:
         replica.in_flight -= 1
         if healthy:
             replica.requests_served += 1
             if ok or isinstance(error, Exception):
-                replica.consecutive_failures = 0
+                replica.breaker.record_success()
         try:
             self.events.publish(
                 RequestFinished(
@@ -368,7 +409,7 @@ class Service:
         for r in self.replicas:
             if r.accepting or r.state == RECOVERING:
                 return True
-            if r.recovering and not r.breaker_open_until:
+            if r.recovering and not r.breaker.is_open:
                 return True  # failed a moment ago; its respawn is under way
         # An open circuit breaker closes after its cooldown: worth a bounded wait.
         return self.config.request_timeout is not None and any(r.recovering for r in self.replicas)
@@ -407,18 +448,17 @@ class Service:
         if not replica.accepting:
             return  # already failed, recovering, or stopped
         self.last_failure = f"replica {replica.index}: {reason}"
-        replica.consecutive_failures += 1
+        opened = replica.breaker.record_failure(self.config.failure_threshold, self.config.cooldown)
         replica.kill()  # a replica that stopped answering may still be alive
         self._router_errors.call(self.router.forget_replica, replica.index)
         # Before FAILED is published: waiting requests read it to decide
         # between waiting for the respawn and failing now.
         replica.recovering = self.config.auto_respawn
         self._set_state(replica, FAILED, reason)
-        if replica.consecutive_failures >= self.config.failure_threshold:
-            replica.breaker_open_until = time.monotonic() + self.config.cooldown
+        if opened:
             self._set_state(
                 replica, FAILED,
-                f"circuit open after {replica.consecutive_failures} consecutive failures "
+                f"circuit open after {replica.breaker.consecutive_failures} consecutive failures "
                 f"(last: {reason}); next try in {self.config.cooldown:g} s",
             )
         if self.config.auto_respawn:
@@ -433,7 +473,7 @@ class Service:
         try:
             await replica.stop()  # FAILED stays visible while old processes go
             while not self._retired(replica):
-                wait = replica.breaker_open_until - time.monotonic()
+                wait = replica.breaker.seconds_left()
                 if wait > 0:
                     await asyncio.sleep(wait)
                     if self._retired(replica):
@@ -441,17 +481,17 @@ class Service:
                     reason = "cooldown over: one respawn decides"
                 else:
                     reason = f"respawning after: {replica.reason}"
-                replica.breaker_open_until = 0.0
+                replica.breaker.close()
                 self._set_state(replica, RECOVERING, reason)
                 try:
                     await replica.spawn()
                 except Exception as e:
-                    replica.consecutive_failures += 1
+                    replica.breaker.consecutive_failures += 1
                     self.last_failure = f"replica {replica.index}: respawn failed: {e}"
                     await replica.stop()
                     if self._retired(replica):
                         return
-                    replica.breaker_open_until = time.monotonic() + self.config.cooldown
+                    replica.breaker.open_for(self.config.cooldown)
                     self._set_state(
                         replica, FAILED,
                         f"respawn failed ({type(e).__name__}: {e}); next try in {self.config.cooldown:g} s",
@@ -495,23 +535,7 @@ class Service:
         """One call on one given replica (fanout): no router, no retry."""
         request = Request(endpoint, args, kwargs, None, id=next(self._request_ids))
         self._take(replica, "fanout")
-        generation = replica.generation
-        started = time.perf_counter()
-        try:  # from here on, whatever happens, _finish gives the slot back
-            self.events.publish(RequestRouted(request.id, endpoint, replica.index, None, "fanout", f"fanout → {replica.index}"))
-            result = await replica.call(endpoint, args, kwargs)
-        except UserError as e:
-            self._finish(request, replica, started, ok=False, error=e.original, healthy=True)
-            raise e.original from None
-        except ReplicaFailure as e:
-            self.replica_failed(replica, str(e), generation)  # before the slot is freed
-            self._finish(request, replica, started, ok=False, error=e, healthy=False)
-            raise
-        except BaseException as e:
-            self._finish(request, replica, started, ok=False, error=e, healthy=True)
-            raise
-        self._finish(request, replica, started, ok=True, result=result, healthy=True)
-        return result
+        return await self._send(request, replica, "fanout", f"fanout → {replica.index}")
 
     # ------------------------------------------------------------ sessions
 
