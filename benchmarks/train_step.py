@@ -24,8 +24,8 @@ from forge_lite.actors.hf_model import causal_lm_logits, load_causal_lm, load_to
 from forge_lite.assets import DEFAULT_MODEL, MATH_DATA_DIR
 from forge_lite.data.prompts import format_request
 from forge_lite.grpo import Episode
-from forge_lite.grpo.collate import drop_padding_columns, grpo_collate
-from forge_lite.grpo.loss import grpo_loss, response_logprobs
+from forge_lite.rl.collate import drop_padding_columns, grpo_collate
+from forge_lite.rl.loss import grpo_loss, response_logprobs
 
 BATCH, REQUEST_LEN, RESPONSE_LEN, ROUNDS = 32, 96, 32, 7
 

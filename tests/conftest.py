@@ -3,7 +3,6 @@ service. (Child processes find the test modules because the kit gives every
 process it spawns the caller's sys.path, which pytest extended.)"""
 
 import asyncio
-import os
 import time
 
 import psutil

@@ -23,8 +23,8 @@ from forge_lite.actors.weights import WeightStore
 from forge_lite.assets import DEFAULT_MODEL
 from forge_lite.data.rewards import MathReward, ThinkingReward
 from forge_lite.grpo import ComputeAdvantages, DatasetActor, Episode, Group, RewardActor
-from forge_lite.grpo.collate import grpo_collate
-from forge_lite.grpo.loss import response_logprobs
+from forge_lite.rl.collate import grpo_collate
+from forge_lite.rl.loss import response_logprobs
 from monarch.actor import ActorError
 
 REQUEST_LEN, RESPONSE_LEN = 12, 8

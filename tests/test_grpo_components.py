@@ -9,8 +9,8 @@ import torch
 from forge_lite.actors.replay_buffer import LocalReplayBuffer
 from forge_lite.grpo import Episode, Group, create_episode_from_grpo_data, episode_from_completion
 from forge_lite.grpo.advantages import group_advantages
-from forge_lite.grpo.collate import drop_padding_columns, grpo_collate
-from forge_lite.grpo.loss import grpo_loss, response_logprobs
+from forge_lite.rl.collate import drop_padding_columns, grpo_collate
+from forge_lite.rl.loss import grpo_loss, response_logprobs
 
 PAD = 0
 

@@ -175,7 +175,6 @@ async def test_a_weight_sync_changes_the_policys_version_and_answers(components)
     versions_before = await c["policy"].get_version.fanout()
 
     # One step on a batch whose responses are all punished: it moves the weights.
-    episodes = []
     for i, (problem, completion) in enumerate(zip(problems[:2], before)):
         episode = Episode(f"sync{i}", problem["request"], 0, 0, 96, 32, problem["target"])
         episode.request_tokens = completion.prompt_ids.tolist()

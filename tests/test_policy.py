@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
 
 import pytest
 import torch
 from test_engines import build_tiny_qwen3, perturbed
 
 from forge_lite.actors.policy import Policy
-from forge_lite.actors.weights import WeightStore
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
 
 import pytest
 from test_engines import perturbed

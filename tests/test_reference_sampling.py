@@ -10,9 +10,9 @@ import torch
 from test_grpo_actors import make_episodes
 
 from forge_lite.actors.trainer import merge_dp_chunks
-from forge_lite.grpo.collate import grpo_collate
+from forge_lite.rl.collate import grpo_collate
 from forge_lite.grpo.config import GRPOConfig
-from forge_lite.grpo.loss import grpo_loss
+from forge_lite.rl.loss import grpo_loss
 from forge_lite.grpo.loop import mean_kl
 
 

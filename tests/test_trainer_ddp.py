@@ -19,8 +19,8 @@ from forge_lite.actors.hf_model import causal_lm_logits, load_causal_lm
 from forge_lite.actors.trainer import RLTrainer
 from forge_lite.assets import DEFAULT_MODEL
 from forge_lite.grpo import Episode
-from forge_lite.grpo.collate import grpo_collate
-from forge_lite.grpo.loss import response_logprobs
+from forge_lite.rl.collate import grpo_collate
+from forge_lite.rl.loss import response_logprobs
 from monarch.actor import ActorError
 
 REQUEST_LEN, RESPONSE_LEN = 12, 8

@@ -17,8 +17,8 @@ from forge_lite.actors.policy import Policy
 from forge_lite.actors.trainer import RLTrainer
 from forge_lite.actors.weights import WeightStore
 from forge_lite.assets import DEFAULT_MODEL
-from forge_lite.grpo.collate import grpo_collate
-from forge_lite.grpo.loss import grpo_loss
+from forge_lite.rl.collate import grpo_collate
+from forge_lite.rl.loss import grpo_loss
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -20,7 +20,7 @@ import torch
 
 from forge_lite.actors.hf_model import causal_lm_logits, load_causal_lm
 from forge_lite.controller import ForgeActor
-from forge_lite.grpo.loss import response_logprobs
+from forge_lite.rl.loss import response_logprobs
 from monarch.actor import endpoint
 
 

@@ -30,8 +30,8 @@ import random
 from typing import Any, Callable
 
 from forge_lite.controller import ForgeActor
-from forge_lite.grpo.collate import grpo_collate
-from forge_lite.grpo.episode import check_finite
+from forge_lite.rl.collate import grpo_collate
+from forge_lite.rl.episode import check_finite
 from monarch.actor import endpoint
 
 

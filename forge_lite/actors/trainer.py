@@ -66,8 +66,8 @@ from torch.nn.parallel import DistributedDataParallel
 from forge_lite.actors.hf_model import causal_lm_logits, default_device, load_causal_lm
 from forge_lite.actors.weights import WeightStore
 from forge_lite.controller import ForgeActor
-from forge_lite.grpo.collate import drop_padding_columns
-from forge_lite.grpo.loss import grpo_loss, response_logprobs
+from forge_lite.rl.collate import drop_padding_columns
+from forge_lite.rl.loss import grpo_loss, response_logprobs
 from monarch.actor import current_rank, current_size, endpoint
 
 
@@ -308,6 +308,55 @@ class RLTrainer(ForgeActor):
             # released and the call reports rank 0's error.
             if self.world_size > 1:
                 dist.barrier()
+
+    @endpoint
+    def state_dict(self) -> dict | None:
+        """What a checkpoint needs to resume training where it stopped, on the CPU.
+
+        Returns ``{"model": ..., "optimizer": ..., "scheduler": ..., "step": n}``:
+        the model's state dict (HF names), the optimizer's (Adam's moments),
+        the learning-rate schedule's, and ``n``, the optimizer steps taken so
+        far. With procs > 1, call it on every rank (``call``): the ranks hold
+        the same state, so rank 0 returns it and the others return None,
+        which spares the controller ``procs - 1`` copies.
+
+        Example: ``state = next(s for s in (await trainer.state_dict.call()).values() if s)``.
+        """
+        if self.rank != 0:
+            return None
+        return to_cpu({
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.scheduler.last_epoch,  # the schedule counts the optimizer's steps
+        })
+
+    @endpoint
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from what ``state_dict`` returned: weights, optimizer, schedule.
+
+        Call it on every rank (``call``) with the same state, so the ranks
+        stay identical. Raises ValueError if ``state`` lacks one of the four
+        keys, and torch's RuntimeError if the weights are another model's.
+        """
+        missing = [key for key in ("model", "optimizer", "scheduler", "step") if key not in state]
+        if missing:
+            raise ValueError(f"RLTrainer.load_state_dict: the state lacks {missing}; pass what "
+                             "state_dict() returned")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])  # moves Adam's moments to the model's device
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def to_cpu(value):
+    """``value`` with every tensor in it (in dicts, lists and tuples) moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(item) for item in value)
+    return value
 
 
 def free_port() -> int:

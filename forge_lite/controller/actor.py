@@ -28,10 +28,11 @@ from typing import Any
 from monarch._src.actor.actor_mesh import ActorMesh
 from monarch._src.actor.concurrent import _ConcurrentEndpointProperty
 from monarch._src.actor.endpoint import EndpointProperty
-from monarch.actor import Actor, ActorError, endpoint
+from monarch.actor import Actor, endpoint
 
 from forge_lite.controller import procs as _procs
 from forge_lite.controller.errors import portable
+from forge_lite.controller.spawn import spawn_actor_mesh
 from forge_lite.controller.service_config import ServiceConfig
 
 # Attributes of Monarch's ActorMesh; an endpoint with one of these names would
@@ -39,13 +40,6 @@ from forge_lite.controller.service_config import ServiceConfig
 RESERVED_NAMES = frozenset(n for n in dir(ActorMesh) if not n.startswith("_"))
 
 _LAYOUT_KEYS = ("procs", "hosts", "with_gpus", "num_replicas", "mesh_name")
-
-
-def endpoint_names(cls: type) -> list[str]:
-    """Names of every endpoint of an actor class, inherited ones included."""
-    return sorted(
-        name for name in dir(cls) if isinstance(getattr(cls, name, None), EndpointProperty)
-    )
 
 
 def _portable_endpoint(prop: EndpointProperty) -> EndpointProperty:
@@ -240,29 +234,3 @@ class ForgeActor(Actor):
 # id(ActorMesh) -> (ActorMesh, Processes). The mesh is kept alive with its
 # entry so the id cannot be reused while registered.
 _handles: dict[int, tuple[Any, _procs.Processes]] = {}
-
-
-async def spawn_actor_mesh(cls: type, processes: _procs.Processes, actor_name: str, args, kwargs):
-    """Spawn ``cls`` on every process of ``processes`` and run its setup.
-
-    On failure the processes are stopped and the error is re-raised: the
-    original exception for ``setup``, and for ``__init__`` (which Monarch
-    reports as a supervision failure, with the traceback in its text) a
-    RuntimeError saying so.
-    """
-    try:
-        mesh = processes.mesh.spawn(actor_name, cls.actor_class(), *args, **kwargs)
-        try:
-            await mesh.setup.call()
-        except ActorError as e:
-            raise e.exception from None
-        except RuntimeError as e:
-            if "Supervision" in type(e).__name__ or "aborted" in str(e):
-                raise RuntimeError(
-                    f"{cls.__name__}(...) failed while starting on its process:\n{e}"
-                ) from None
-            raise
-    except BaseException:
-        await _procs.stop_processes(processes)
-        raise
-    return mesh

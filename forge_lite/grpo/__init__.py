@@ -17,10 +17,10 @@ import importlib
 _HOMES = {
     "ComputeAdvantages": "forge_lite.grpo.advantages",
     "DatasetActor": "forge_lite.grpo.dataset",
-    "Episode": "forge_lite.grpo.episode",
-    "Group": "forge_lite.grpo.episode",
-    "create_episode_from_grpo_data": "forge_lite.grpo.episode",
-    "episode_from_completion": "forge_lite.grpo.episode",
+    "Episode": "forge_lite.rl.episode",
+    "Group": "forge_lite.rl.episode",
+    "create_episode_from_grpo_data": "forge_lite.rl.episode",
+    "episode_from_completion": "forge_lite.rl.episode",
     "RewardActor": "forge_lite.grpo.reward_actor",
     # The runnable loop (python -m forge_lite.grpo) and what it reports to.
     "GRPORun": "forge_lite.grpo.run",

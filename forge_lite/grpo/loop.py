@@ -44,11 +44,12 @@ from typing import Awaitable, TypeVar
 import torch
 
 from forge_lite.actors.weights import WeightStore
-from forge_lite.grpo.collate import grpo_collate
+from forge_lite.grpo.checkpoint import save_if_due
+from forge_lite.rl.collate import grpo_collate
 from forge_lite.grpo.config import GRPOConfig
-from forge_lite.grpo.episode import Episode, Group
+from forge_lite.rl.episode import Episode, Group
 from forge_lite.grpo.evaluation import is_correct
-from forge_lite.grpo.loss import response_kl
+from forge_lite.rl.loss import response_kl
 from forge_lite.grpo.recorder import MetricsRecorder
 from forge_lite.grpo.services import Services
 
@@ -135,11 +136,12 @@ async def reference_logprobs(s: Services, episodes: list[Episode], request_len: 
 
 async def train_loop(
     s: Services, config: GRPOConfig, recorder: MetricsRecorder, window: RolloutWindow,
-    rollouts: list[asyncio.Task], store: WeightStore,
+    rollouts: list[asyncio.Task], store: WeightStore, start_step: int = 0,
 ) -> None:
-    """``config.steps`` training steps, each publishing a new policy version."""
-    version = 0  # the weights the trainer holds, and every replica serves at the start
-    for step in range(config.steps):
+    """Training steps ``start_step`` to ``config.steps - 1``, each publishing a new
+    policy version (a resumed run starts at its checkpoint's step, and version)."""
+    version = start_step  # the weights the trainer holds, and every replica serves at the start
+    for step in range(start_step, config.steps):
         episodes = await next_batch(s.replay_buffer, version, rollouts)
         # One chunk per trainer process; every process returns the whole batch's loss.
         inputs, targets = grpo_collate(episodes, dp_size=config.trainer.procs)
@@ -149,6 +151,7 @@ async def train_loop(
         version += 1
         recorder.record_versions(step, version, await s.policy.get_version.fanout())
         await record_step(recorder, s, step, version, episodes, first(losses), seconds, window.take())
+        await save_if_due(s, config, recorder, step + 1, version)  # every config.checkpoint_every steps
 
 
 async def next_batch(replay_buffer, version: int, rollouts: list[asyncio.Task]) -> list[Episode]:

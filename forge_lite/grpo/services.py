@@ -27,7 +27,7 @@ from forge_lite.data.rewards import REWARD_FUNCTIONS
 from forge_lite.grpo.advantages import ComputeAdvantages
 from forge_lite.grpo.config import GRPOConfig
 from forge_lite.grpo.dataset import DatasetActor
-from forge_lite.grpo.loss import grpo_loss
+from forge_lite.rl.loss import grpo_loss
 from forge_lite.grpo.reward_actor import RewardActor
 
 
@@ -45,11 +45,15 @@ class Services:
     eval_data: ActorMesh | None = None  # DatasetActor on the held-out split
 
 
-async def start_services(config: GRPOConfig, store: WeightStore) -> Services:
+async def start_services(
+    config: GRPOConfig, store: WeightStore, policy_version: int | None = None
+) -> Services:
     """Start every component concurrently; on any failure stop those that started.
 
     ``store`` is the run's weight store: the trainer publishes to it, the
-    policy replicas load from it."""
+    policy replicas load from it. ``policy_version``: the version in
+    ``store`` the policy replicas start from (a resumed run's checkpoint);
+    None for the model's own weights."""
     c = config
     response_len = c.policy.max_tokens
     starts = {
@@ -67,6 +71,7 @@ async def start_services(config: GRPOConfig, store: WeightStore) -> Services:
                 "temperature": c.policy.temperature, "top_p": c.policy.top_p,
             },
             weight_store=store,
+            policy_version=policy_version,
         ),
         "trainer": RLTrainer.options(procs=c.trainer.procs, with_gpus=c.trainer.with_gpus).as_actor(
             model=c.model,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from forge_lite.controller.actor import endpoint_names
+from forge_lite.controller.spawn import endpoint_names
 from forge_lite.controller.service.sessions import session_scope
 
 _ACTOR_ADVERBS = ("call_one", "call", "choose", "broadcast", "stream")

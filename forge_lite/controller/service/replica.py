@@ -26,7 +26,7 @@ from monarch.actor import ActorError
 
 from forge_lite.controller import procs as _procs
 from forge_lite.controller import runtime
-from forge_lite.controller.actor import spawn_actor_mesh
+from forge_lite.controller.spawn import spawn_actor_mesh
 
 
 class ReplicaState(str, Enum):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from forge_lite.grpo.episode import Episode, check_finite
+from forge_lite.rl.episode import Episode, check_finite
 
 
 def grpo_collate(episodes: list[Episode], dp_size: int = 1) -> tuple[list[dict], list[dict]]:

@@ -1,0 +1,109 @@
+"""Dependencies point one way: no import cycle between the kit's packages.
+
+Every import in the package's source counts, the ones inside functions too
+(a lazy import is still a dependency). A package is a module's folder:
+``forge_lite.controller.service``, ``forge_lite.actors``, ``forge_lite.grpo``...
+Also: the controller layer knows nothing about RL.
+"""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_of(module: str, packages: set[str]) -> str | None:
+    """The deepest known package that holds ``module`` (or is it)."""
+    candidates = [p for p in packages if module == p or module.startswith(p + ".")]
+    return max(candidates, key=len) if candidates else None
+
+
+def package_graph() -> dict[str, set[str]]:
+    files = [*ROOT.glob("forge_lite/**/*.py"), *ROOT.glob("widgets/*.py")]
+    packages = {module_name(f) for f in files if f.name == "__init__.py"}
+    graph: dict[str, set[str]] = {p: set() for p in packages}
+    for path in files:
+        me = module_name(path)
+        mine = me if path.name == "__init__.py" else me.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                theirs = package_of(target, packages)
+                # A package's __init__ importing its own modules is not a dependency.
+                if theirs and theirs != mine and not mine.startswith(theirs + "."):
+                    graph[mine].add(theirs)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node], _ = "open", path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node], _ = "done", path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_between_packages():
+    graph = package_graph()
+    assert {"forge_lite.actors", "forge_lite.grpo", "forge_lite.rl", "forge_lite.controller"} <= set(graph)
+    cycle = find_cycle(graph)
+    assert cycle is None, " -> ".join(cycle)
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the kit's modules it imports (``from a import b`` names the
+    submodule ``a.b`` when there is one, else the module ``a``)."""
+    files = [*ROOT.glob("forge_lite/**/*.py"), *ROOT.glob("widgets/*.py")]
+    modules = {module_name(f) for f in files}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for path in files:
+        me = module_name(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules
+                           else node.module for alias in node.names]
+            else:
+                continue
+            graph[me] |= {t for t in targets if t in modules and t != me}
+    return graph
+
+
+def test_no_import_cycle_between_modules():
+    cycle = find_cycle(module_graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_controller_layer_knows_nothing_about_rl():
+    graph = package_graph()
+    for package in ("forge_lite.controller", "forge_lite.controller.service"):
+        rl = graph[package] & {"forge_lite.actors", "forge_lite.grpo", "forge_lite.rl", "forge_lite.data"}
+        assert not rl, f"{package} imports {sorted(rl)}"
