@@ -150,7 +150,7 @@ class ServiceView:
         elif isinstance(event, RequestFinished):
             card = self.card(event.replica)
             card.in_flight = max(0, card.in_flight - 1)
-            if event.error_type != "ReplicaFailure":
+            if not event.replica_failed:
                 card.served += 1
             self._count_kv(event)
         elif isinstance(event, ReplicaStateChanged):

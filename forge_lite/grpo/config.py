@@ -25,7 +25,9 @@ from typing import Any, Iterable
 
 import yaml
 
+from forge_lite.actors.trainer import TrainingConfig
 from forge_lite.data.rewards import REWARD_FUNCTIONS
+from forge_lite.rl.loss import DEFAULT_BETA
 
 #: The reward functions a config can name.
 REWARD_FUNCTION_NAMES = tuple(REWARD_FUNCTIONS)
@@ -64,17 +66,23 @@ class PolicyConfig:
 
 @dataclass
 class TrainerConfig:
-    """The trainer actor: optimizer, loss and batching."""
+    """The trainer actor: optimizer, loss and batching.
+
+    ``max_norm``, ``local_batch_size``, ``warmup_steps`` and ``dtype`` become
+    the RLTrainer's ``training`` options (``forge_lite.actors.trainer.TrainingConfig``,
+    which owns their meaning and defaults); the run adds ``seq_len`` and,
+    with ``lr_decay``, ``decay_steps``.
+    """
 
     lr: float = 1e-5
     optimizer: str = "AdamW"  # any torch.optim class
     weight_decay: float = 0.0
-    beta: float = 0.1  # weight of the KL term that holds the policy near the reference
-    max_norm: float = 1.0  # gradient clip
-    local_batch_size: int | None = None  # micro-batch size; None: the whole batch at once
-    warmup_steps: int = 0  # steps of linear learning-rate warm-up
+    beta: float = DEFAULT_BETA  # weight of the KL term that holds the policy near the reference
+    max_norm: float = TrainingConfig.max_norm  # gradient clip
+    local_batch_size: int | None = TrainingConfig.local_batch_size  # micro-batch size; None: whole batch
+    warmup_steps: int = TrainingConfig.warmup_steps  # steps of linear learning-rate warm-up
     lr_decay: bool = False  # after the warm-up, fall linearly to 0 by the last step
-    dtype: str = "float32"
+    dtype: str = TrainingConfig.dtype
     with_gpus: bool = False
     # Data-parallel processes (DDP; one GPU each with with_gpus). Each step's
     # batch is split evenly over them, so batch_size must divide by procs.
@@ -122,6 +130,10 @@ class GRPOConfig:
     skip_uniform_groups: bool = False
     eval_samples: int = 100  # held-out problems scored greedily before and after; 0: none
     output_dir: str | None = None  # None: a fresh directory under the system's temp dir
+    # Save a checkpoint every this many steps, under <output_dir>/checkpoints/,
+    # keeping the last two; None: never. A run resumes from one with
+    # resume=<output_dir> (forge_lite.grpo.checkpoint says what it holds).
+    checkpoint_every: int | None = None
     progress: bool | None = None  # tqdm bar; None: only when stderr is a terminal
     # torch's CPU threads in each actor process (OMP_NUM_THREADS); None: torch's
     # default, one per core. A run has about eight processes, and on a few
@@ -152,6 +164,7 @@ class GRPOConfig:
             ("trainer.procs", 1),
             ("trainer.warmup_steps", 0),
             ("reference.kl_samples", 1),
+            ("checkpoint_every", 1),
         ):
             value = _get(self, name)
             if value is None:  # threads_per_process: torch's default; kl_samples: every response

@@ -1,16 +1,18 @@
 """What a GRPO run did, step by step, for the terminal, plots and widgets.
 
 The training loop calls ``record_step(...)`` once per optimiser step and
-``record_versions(...)`` when policy replicas change weights. Listeners (a
-TrainingDashboard, a tqdm bar) subscribe; ``steps`` keeps the whole run,
-which is small (one row per step). A listener that raises is reported once
-and does not stop the run or the other listeners.
+``record_versions(...)`` when policy replicas change weights; the run itself
+calls ``record_status(...)`` for what concerns the whole run (the steps it
+will take, the held-out accuracy before and after, whether it was
+interrupted). Listeners (a TrainingDashboard, a tqdm bar) subscribe;
+``steps`` keeps the whole run, which is small (one row per step). A listener
+that raises is reported once and does not stop the run or the other listeners.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from forge_lite.controller.service.events import CallbackErrors
@@ -53,6 +55,17 @@ class VersionRecord:
     time: float = field(default_factory=time.time)
 
 
+@dataclass(frozen=True)
+class RunStatus:
+    """The run as a whole: what a dashboard's header says beside the last step."""
+
+    total_steps: int | None = None  # the step count the run ends at (a dashboard's "step N/total")
+    state: str = "starting"  # "evaluating", "training", "interrupted" or "finished"
+    heldout_before: float | None = None  # held-out greedy accuracy before training
+    heldout_after: float | None = None  # ... and after
+    time: float = field(default_factory=time.time)
+
+
 Listener = Callable[[object], None]
 
 
@@ -60,11 +73,14 @@ class MetricsRecorder:
     def __init__(self) -> None:
         self.steps: list[StepRecord] = []
         self.versions: list[VersionRecord] = []
+        self.status = RunStatus()
         self._listeners: list[Listener] = []
         self._errors = CallbackErrors("recorder listener")
 
-    def subscribe(self, listener: Listener, replay: bool = True) -> Callable[[], None]:
-        """Call ``listener(record)`` for every record; returns an unsubscribe function."""
+    def subscribe(self, listener: Listener, replay: bool = False) -> Callable[[], None]:
+        """Call ``listener(record)`` for every record from now on (with
+        ``replay=True``, first for those already recorded, oldest first, as
+        ``EventStream.subscribe`` does); returns an unsubscribe function."""
         if replay:
             for record in sorted(self.steps + self.versions, key=lambda r: r.time):
                 self._errors.call(listener, record)
@@ -86,6 +102,39 @@ class MetricsRecorder:
         self.versions.append(record)
         self._publish(record)
         return record
+
+    def record_status(self, **changes) -> RunStatus:
+        """Change some of the run's ``RunStatus`` fields, e.g.
+        ``record_status(state="training", heldout_before=0.645)``."""
+        self.status = replace(self.status, time=time.time(), **changes)
+        self._publish(self.status)
+        return self.status
+
+    def load(self, steps, versions=()) -> None:
+        """Replace the history with ``steps`` and ``versions``: how a resumed
+        run gets its earlier steps back, so its curve continues.
+
+        Each item is a StepRecord / VersionRecord or a dict of its fields (as
+        a checkpoint's JSON holds them: lists where the records hold tuples).
+        Listeners hear of every loaded record, oldest first, so a dashboard
+        already watching redraws. Raises TypeError for an unknown field.
+
+        Example: ``recorder.load([record.as_dict() for record in old.steps])``.
+        """
+
+        def as_record(kind, item):
+            if isinstance(item, kind):
+                return item
+            values = dict(item)
+            for name in ("episode_ages", "replica_versions"):  # JSON gives lists
+                if name in values:
+                    values[name] = tuple(values[name])
+            return kind(**values)
+
+        self.steps = [as_record(StepRecord, item) for item in steps]
+        self.versions = [as_record(VersionRecord, item) for item in versions]
+        for record in sorted(self.steps + self.versions, key=lambda r: r.time):
+            self._publish(record)
 
     def series(self, name: str) -> list:
         """One column of the step table, e.g. ``series("reward_mean")``."""

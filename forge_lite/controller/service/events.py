@@ -17,11 +17,15 @@ from typing import Any, Callable
 
 @dataclass(frozen=True)
 class Event:
+    """Something a service did; ``time`` is when (``time.time()``, seconds)."""
+
     time: float = field(default_factory=time.time, kw_only=True)
 
 
 @dataclass(frozen=True)
 class RequestRouted(Event):
+    """Fires when a request is handed to a replica, before it is sent (each retry fires again, with ``attempt`` + 1)."""
+
     request_id: int
     endpoint: str
     replica: int
@@ -33,6 +37,9 @@ class RequestRouted(Event):
 
 @dataclass(frozen=True)
 class RequestFinished(Event):
+    """Fires when a replica's answer (or failure) comes back; ``ok`` is False for an
+    exception from the endpoint or a dead replica, ``latency_s`` in seconds."""
+
     request_id: int
     endpoint: str
     replica: int
@@ -42,9 +49,18 @@ class RequestFinished(Event):
     error_type: str | None = None
     result: Any = field(default=None, repr=False)
 
+    @property
+    def replica_failed(self) -> bool:
+        """The replica failed (its process died or stopped answering), as
+        opposed to the endpoint's own code raising: a failure to count against
+        the replica, not a request it served."""
+        return self.error_type == "ReplicaFailure"
+
 
 @dataclass(frozen=True)
 class RequestRetried(Event):
+    """Fires when a request whose replica failed is sent again, to another replica."""
+
     request_id: int
     endpoint: str
     failed_replica: int
@@ -54,6 +70,9 @@ class RequestRetried(Event):
 
 @dataclass(frozen=True)
 class ReplicaStateChanged(Event):
+    """Fires when a replica moves between HEALTHY, OVERLOADED, FAILED, RECOVERING
+    and STOPPED (``old`` is None when it is created); ``reason`` says why."""
+
     replica: int
     old: str | None
     new: str
@@ -62,12 +81,17 @@ class ReplicaStateChanged(Event):
 
 @dataclass(frozen=True)
 class SessionStarted(Event):
+    """Fires when a session's first request pins it to a replica."""
+
     session: str
     replica: int
 
 
 @dataclass(frozen=True)
 class SessionMoved(Event):
+    """Fires when a session's replica failed or restarted and the session is
+    pinned to another; its state on the old replica is gone."""
+
     session: str
     old_replica: int
     new_replica: int
@@ -76,12 +100,16 @@ class SessionMoved(Event):
 
 @dataclass(frozen=True)
 class SessionEnded(Event):
+    """Fires when a session ends (its ``with`` block exits, or ``terminate_session``)."""
+
     session: str
     replica: int | None
 
 
 @dataclass(frozen=True)
 class ServiceStopped(Event):
+    """Fires once, when ``shutdown()`` has stopped every replica."""
+
     name: str
 
 
@@ -156,6 +184,10 @@ class EventStream:
             self._errors.call(listener, event)
 
     def subscribe(self, listener: Listener, replay: bool = False) -> Callable[[], None]:
+        """Call ``listener(event)`` for every event from now on (with
+        ``replay=True``, first for the ``event_history`` events kept, oldest
+        first); returns an unsubscribe function. A listener that raises is
+        reported once (CallbackWarning) and never breaks the service."""
         if replay:
             for event in tuple(self._history):
                 self._errors.call(listener, event)

@@ -24,13 +24,38 @@ class ServiceEndpoint:
         self.name = name
 
     async def route(self, *args: Any, sess_id: str | None = None, **kwargs: Any) -> Any:
-        """Call one replica (load balanced, or the session's); retried on another
-        replica if this one dies. Returns what the endpoint returned."""
+        """Call the endpoint on one replica; return what it returned.
+
+        The replica is the session's (inside ``async with svc.session():``,
+        or ``sess_id=``) or the router's choice among those with room; when
+        every replica has ``max_concurrent_requests`` in flight the call
+        waits its turn. If the replica's process dies or stops answering,
+        the call runs again on another replica (up to ``max_retries`` times).
+
+        Raises the endpoint's own exception as itself (not retried; the
+        replica stays healthy); NoHealthyReplicaError when no replica can take
+        it (all failed, retries used up, or ``request_timeout`` seconds
+        passed); ServiceShutdownError after ``shutdown()``; TypeError for
+        arguments that do not fit the endpoint's signature.
+
+        Example: ``completions = await policy.generate.route("What is 2+2?")``.
+        """
         return await self._service.route(self.name, args, kwargs, sess_id=sess_id)
 
     async def fanout(self, *args: Any, **kwargs: Any) -> list:
-        """Call every replica that is up; results in replica order
-        (``.replicas`` on the result says which)."""
+        """Call the endpoint on every replica that is up, at once.
+
+        Returns a list of the results in replica order; its ``.replicas``
+        says which replicas answered (a replica already down when the call
+        starts is left out). No retries: it is a call to each replica.
+
+        Raises FanoutError if any replica's call failed (its endpoint raised,
+        or its process died), naming the replicas, with the other replicas'
+        answers in ``.results``; NoHealthyReplicaError if no replica is up.
+
+        Example: ``await policy.update_weights.fanout(3)``, then
+        ``await policy.get_version.fanout()`` gives ``[3, 3]``.
+        """
         return await self._service.fanout(self.name, args, kwargs)
 
     def __getattr__(self, adverb: str):
@@ -54,7 +79,16 @@ class ServiceEndpoint:
 
 
 class ServiceInterface:
-    """The handle to a running service."""
+    """The handle to a running service: what ``as_service()`` returns.
+
+    Each endpoint of the actor class is an attribute with ``route`` (one
+    replica) and ``fanout`` (every replica): ``await svc.increment.route()``.
+    ``session()`` pins routes to one replica; ``events``, ``replicas`` and
+    ``metrics()`` show what the service does; ``kill_replica``,
+    ``slow_replica`` and ``scale`` change it while it runs; ``shutdown()``
+    stops it. An unknown endpoint name is an AttributeError that lists the
+    endpoints.
+    """
 
     def __init__(self, service):
         self._service = service
@@ -79,28 +113,44 @@ class ServiceInterface:
     # sessions -------------------------------------------------------------
 
     def session(self, session_id: str | None = None):
-        """``async with svc.session():`` pins this service's routes to one replica."""
+        """``async with svc.session() as sid:``: every ``route`` of this service
+        inside it (in this task and the tasks it starts) goes to one replica,
+        the least loaded when the session's first request is routed, so the
+        replica's state (a KV cache, a counter) is the session's.
+
+        If that replica fails, the session moves to another one (a
+        ``SessionMoved`` event says why; state on the old replica is gone).
+        Other services are not pinned. ``session_id`` names the session (a
+        fresh id by default). Raises ServiceShutdownError after shutdown.
+        """
         sid = self._service.start_session(session_id)
         return session_scope(self._service.id, sid, self._service.terminate_session)
 
     def start_session(self, session_id: str | None = None) -> str:
+        """Start a session without a ``with`` block; returns its id, to pass
+        as ``route(..., sess_id=id)``. End it with ``terminate_session``."""
         return self._service.start_session(session_id)
 
     def terminate_session(self, session_id: str) -> None:
+        """End a session: its pin is dropped (the replica itself is untouched)."""
         self._service.terminate_session(session_id)
 
     # watching -------------------------------------------------------------
 
     @property
     def events(self):
+        """The service's EventStream: ``svc.events.subscribe(fn)`` calls ``fn``
+        with every event (routing, finishes, retries, state changes, sessions)."""
         return self._service.events
 
     @property
     def replicas(self):
+        """The replicas (each with ``index``, ``state``, ``reason``, ``in_flight``, ``pids``)."""
         return list(self._service.replicas)
 
     @property
     def name(self) -> str:
+        """The service's name, e.g. ``"policy0"`` (actor class, lower case, and a number)."""
         return self._service.name
 
     @property
@@ -109,20 +159,34 @@ class ServiceInterface:
         return self._service
 
     def metrics(self) -> dict:
+        """Counts from the event stream: ``{"replicas": [per-replica dicts],
+        "sessions": int, "healthy": int, "requests": int}``."""
         return self._service.metrics.snapshot()
 
     # teaching controls ----------------------------------------------------
 
     async def kill_replica(self, index: int) -> None:
+        """SIGKILL replica ``index``'s processes, as a crash would; returns once
+        the service has noticed (the replica is FAILED; it respawns in the
+        background). Requests in flight on it are retried on other replicas.
+        Raises IndexError for a replica that does not exist."""
         await self._service.kill_replica(index)
 
     async def slow_replica(self, index: int, seconds: float) -> None:
+        """Hold every request to replica ``index`` ``seconds`` longer (0 ends it),
+        like a slow network or a busy GPU. Raises ValueError for seconds < 0."""
         await self._service.slow_replica(index, seconds)
 
     async def scale(self, num_replicas: int) -> None:
+        """Grow to ``num_replicas`` (new replicas start, and serve once HEALTHY),
+        or shrink: the highest-numbered replicas stop taking requests, finish
+        the ones in flight, and stop. Raises ValueError for num_replicas < 1."""
         await self._service.scale(num_replicas)
 
     async def wait_for_state(self, index: int, state: str, timeout: float = 60.0) -> None:
+        """Wait until replica ``index`` is in ``state`` ("HEALTHY", "FAILED", ...),
+        or passes through it. Raises TimeoutError after ``timeout`` seconds,
+        saying the state it is in instead."""
         await self._service.wait_for_state(index, state, timeout)
 
     def set_router(self, router) -> None:
@@ -132,6 +196,8 @@ class ServiceInterface:
         self._service.router = make_router(router)
 
     async def shutdown(self) -> None:
+        """Stop every replica's processes; safe to call twice. Calls after it
+        raise ServiceShutdownError; requests waiting for a replica get it too."""
         await self._service.shutdown()
 
     def __repr__(self) -> str:

@@ -75,7 +75,7 @@ class ServiceMetrics:
         elif isinstance(event, RequestFinished):
             r = self._replica(event.replica)
             r.in_flight -= 1
-            if event.error_type == "ReplicaFailure":
+            if event.replica_failed:
                 r.failures += 1
             else:
                 r.requests += 1
