@@ -92,6 +92,10 @@ class TrainingConfig:
     # noisy RL gradient a constant rate keeps the weights wandering once the
     # reward has stopped climbing; a falling one lets them settle.
     decay_steps: int | None = None
+    # torch's CPU threads in the trainer's process; None: the process's
+    # setting (OMP_NUM_THREADS). The trainer is the heaviest process of a
+    # GRPO run on CPU, so it may get more threads than the others.
+    num_threads: int | None = None
 
     def lr_factor(self, step: int) -> float:
         """The learning rate at optimizer step ``step`` (from 0), as a share of ``lr``."""
@@ -157,6 +161,8 @@ class RLTrainer(ForgeActor):
         # Checked before the ranks meet: a rank that fails alone would leave
         # the others waiting for it.
         self.training = TrainingConfig.from_dict(self.training_config)
+        if self.training.num_threads is not None:
+            torch.set_num_threads(self.training.num_threads)
         device = default_device()
         if device.type == "cuda":
             # The process's one GPU (with_gpus=True), named with its index,

@@ -83,6 +83,7 @@ class TrainerConfig:
     warmup_steps: int = TrainingConfig.warmup_steps  # steps of linear learning-rate warm-up
     lr_decay: bool = False  # after the warm-up, fall linearly to 0 by the last step
     dtype: str = TrainingConfig.dtype
+    num_threads: int | None = TrainingConfig.num_threads  # the trainer's; None: threads_per_process
     with_gpus: bool = False
     # Data-parallel processes (DDP; one GPU each with with_gpus). Each step's
     # batch is split evenly over them, so batch_size must divide by procs.

@@ -74,8 +74,10 @@ async def timed(seconds: dict[str, float], phase: str, awaitable: Awaitable[T]) 
 
 
 async def rollout_loop(s: Services, config: GRPOConfig, pad_id: int, window: RolloutWindow) -> None:
-    """Rollouts, one group after another, until cancelled."""
+    """Rollouts, one group after another, until cancelled; each waits while the
+    buffer already holds the next step's batch (see ``RolloutWindow.room``)."""
     while True:
+        await window.room(config.batch_size)
         await rollout_group(s, config, pad_id, window)
 
 
@@ -107,6 +109,7 @@ async def rollout_group(s: Services, config: GRPOConfig, pad_id: int, window: Ro
     for episode, advantage in zip(group.episodes, advantages):
         episode.advantage = advantage
     await s.replay_buffer.extend.call_one(group.episodes)  # `add` for each, in one call
+    window.buffered(len(group.episodes))
     return group
 
 
@@ -142,7 +145,7 @@ async def train_loop(
     policy version (a resumed run starts at its checkpoint's step, and version)."""
     version = start_step  # the weights the trainer holds, and every replica serves at the start
     for step in range(start_step, config.steps):
-        episodes = await next_batch(s.replay_buffer, version, rollouts)
+        episodes = await next_batch(s.replay_buffer, version, rollouts, window)
         # One chunk per trainer process; every process returns the whole batch's loss.
         inputs, targets = grpo_collate(episodes, dp_size=config.trainer.procs)
         seconds: dict[str, float] = {}
@@ -154,7 +157,9 @@ async def train_loop(
         await save_if_due(s, config, recorder, step + 1, version)  # every config.checkpoint_every steps
 
 
-async def next_batch(replay_buffer, version: int, rollouts: list[asyncio.Task]) -> list[Episode]:
+async def next_batch(
+    replay_buffer, version: int, rollouts: list[asyncio.Task], window: RolloutWindow
+) -> list[Episode]:
     """The next batch of episodes, waiting for rollouts to fill the buffer.
 
     A rollout task that failed would leave the trainer waiting forever, so
@@ -166,8 +171,13 @@ async def next_batch(replay_buffer, version: int, rollouts: list[asyncio.Task]) 
                 task.result()  # raises the rollout's error
         batch = await replay_buffer.sample.call_one(curr_policy_version=version)
         if batch is not None:
-            return [episode for chunk in batch for episode in chunk]
-        await asyncio.sleep(0.05)
+            episodes = [episode for chunk in batch for episode in chunk]
+            window.taken(len(episodes))
+            return episodes
+        # Too few young enough episodes: the buffer dropped stale ones, so
+        # count what it really holds (and let the rollouts go on).
+        window.taken(window.in_buffer - await replay_buffer.numel.call_one())
+        await asyncio.sleep(0.01)
 
 
 async def sync_weights(s: Services, store: WeightStore, version: int) -> None:
@@ -222,6 +232,9 @@ class RolloutWindow:
 
     def __init__(self) -> None:
         self.uniform_in_a_row = 0  # groups skipped since one reached the buffer (not per step)
+        # Episodes in the buffer that no step has taken yet (not per step).
+        self.in_buffer = 0
+        self._room_changed = asyncio.Event()
         self._start()
 
     def _start(self) -> None:
@@ -232,6 +245,26 @@ class RolloutWindow:
         self.rewards: list[float] = []  # of every response scored
         self.correct: list[bool] = []
         self.skipped_groups = 0  # groups left out of the buffer (all rewards equal)
+
+    async def room(self, batch_size: int) -> None:
+        """Wait while the buffer holds a whole batch that no step has taken.
+
+        Rollouts beyond that would only wait in the buffer and age out (with
+        max_policy_age 1, measured: half of what four rollout tasks made),
+        while on a few cores their generation takes CPU from the trainer,
+        the slower of the two. One step ahead keeps the trainer fed.
+        """
+        while self.in_buffer >= batch_size:
+            self._room_changed.clear()
+            await self._room_changed.wait()
+
+    def buffered(self, count: int) -> None:
+        self.in_buffer += count
+
+    def taken(self, count: int) -> None:
+        """``count`` episodes left the buffer (sampled, or dropped as stale)."""
+        self.in_buffer = max(0, self.in_buffer - count)
+        self._room_changed.set()
 
     def record_rollout(self, group: Group, completions, rewards: list[float]) -> None:
         self.tokens += sum(len(c.token_ids) for c in completions)

@@ -83,6 +83,7 @@ async def start_services(
                 "warmup_steps": c.trainer.warmup_steps,
                 "decay_steps": c.steps if c.trainer.lr_decay else None,
                 "dtype": c.trainer.dtype,
+                "num_threads": c.trainer.num_threads,
             },
             loss=functools.partial(grpo_loss, beta=c.trainer.beta),
             weight_store=store,
