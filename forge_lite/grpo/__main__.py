@@ -4,6 +4,17 @@ Overrides use dotted keys for nested settings, e.g.
 
     python -m forge_lite.grpo --config configs/grpo_tiny.yaml steps=5 trainer.lr=1e-4
 
+``--resume DIR`` continues a run that saved checkpoints (``checkpoint_every``)
+from the last complete one in DIR (its output_dir, its checkpoints/ folder or
+one checkpoint), with the checkpoint's config and the overrides given:
+
+    python -m forge_lite.grpo --config configs/grpo_tiny.yaml checkpoint_every=50 output_dir=runs/a
+    python -m forge_lite.grpo --resume runs/a            # after a crash or Ctrl-C
+    python -m forge_lite.grpo --resume runs/a steps=1200  # and train longer
+
+With ``--config`` as well, that file's config is used instead, and it must
+keep the keys that cannot change mid-run (``forge_lite.grpo.checkpoint``).
+
 Ctrl-C stops the run; every service and actor is shut down before exit.
 """
 
@@ -14,6 +25,7 @@ import asyncio
 import sys
 
 import forge_lite  # noqa: F401  (before monarch)
+from forge_lite.grpo.checkpoint import find_checkpoint, resume_config
 from forge_lite.grpo.config import load_config
 from forge_lite.grpo.run import run_grpo
 
@@ -23,16 +35,27 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m forge_lite.grpo",
         description="Train a policy with GRPO on the kit's services.",
     )
-    parser.add_argument("--config", help="a YAML config (default: the built-in defaults)")
+    parser.add_argument("--config", help="a YAML config (default: the built-in defaults, or "
+                        "with --resume the checkpoint's)")
+    parser.add_argument("--resume", metavar="DIR",
+                        help="continue the run whose checkpoints are in DIR (its output_dir)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="settings to change, dotted for nested ones: trainer.lr=1e-5")
     args = parser.parse_args(argv)
+    resume = None
     try:
-        config = load_config(args.config, args.overrides)
+        if args.resume is None:
+            config = load_config(args.config, args.overrides)
+        else:
+            # Checked here, before anything starts: a wrong directory or a
+            # config that cannot continue its run is a usage error.
+            resume = find_checkpoint(args.resume)
+            config = load_config(args.config or resume / "config.yaml", args.overrides)
+            config = resume_config(resume, config)
     except (OSError, ValueError) as error:
         parser.error(str(error))
     try:
-        asyncio.run(run_grpo(config))
+        asyncio.run(run_grpo(config, resume=resume))
     except KeyboardInterrupt:
         print("GRPO: interrupted; every service was shut down", file=sys.stderr)
         return 130

@@ -12,11 +12,14 @@ each sample carries both forms:
 With no ``path`` the actor serves the math set the kit ships (offline, same
 layout as gsm8k); ``path="openai/gsm8k"`` loads the real one from the hub.
 Every epoch, the first one too, serves the data in its own shuffled order,
-seeded by the epoch number so that runs repeat.
+seeded by the epoch number so that runs repeat. The epoch and the number of
+rows served in it are therefore the actor's whole state (``state_dict``): a
+resumed run (``load_state_dict``) serves exactly the rows that come next.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -85,30 +88,58 @@ class DatasetActor(ForgeActor):
         self.dataset = load_math_dataset(
             self.path, self.revision, self.data_split, self.streaming
         )
-        self.epoch = 0
         # The first epoch is shuffled too: a file's order is seldom random, and
         # every run's first steps would see its start. (The shipped model got
         # 45% of samples right on the shipped set's first 50 problems, 33% on
         # the next 50, 41% over the first 600.)
-        self._rows = iter(self.dataset.shuffle(seed=self.epoch))
+        self._start_epoch(0)
+
+    def _start_epoch(self, epoch: int, position: int = 0) -> None:
+        """Serve epoch ``epoch``'s shuffled order from its row ``position`` on."""
+        self.epoch = epoch
+        self.position = position  # rows of this epoch served so far
+        # The epoch number seeds the order, so that runs repeat.
+        rows = iter(self.dataset.shuffle(seed=epoch))
+        self._rows = itertools.islice(rows, position, None)
 
     @endpoint
     def sample(self) -> dict[str, Any]:
         """The next problem: ``request``, ``target``, and the raw ``question`` and ``answer``."""
         row = next(self._rows, None)
         if row is None:
-            # The epoch number seeds the order, so that runs repeat.
-            self.epoch += 1
-            self._rows = iter(self.dataset.shuffle(seed=self.epoch))
+            self._start_epoch(self.epoch + 1)
             row = next(self._rows, None)
             if row is None:
                 raise ValueError(f"the dataset {self.path or MATH_DATA_DIR!r} has no rows")
+        self.position += 1
         return {
             "request": format_request(self.tokenizer, row["question"]),
             "target": extract_target(row["answer"]),
             "question": row["question"],
             "answer": row["answer"],
         }
+
+    @endpoint
+    def state_dict(self) -> dict[str, int]:
+        """Where the actor is: ``{"epoch": e, "position": p}``, p rows of epoch e served.
+
+        Plain ints, so a checkpoint can keep them as JSON. Example: after 3
+        ``sample()`` calls on a fresh actor, ``{"epoch": 0, "position": 3}``.
+        """
+        return {"epoch": self.epoch, "position": self.position}
+
+    @endpoint
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from what ``state_dict`` returned: the next ``sample()`` is
+        the row that would have come next. Skipping to the position reads the
+        epoch's rows up to it (milliseconds for the shipped set).
+
+        Raises ValueError for a negative epoch or position.
+        """
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or position < 0:
+            raise ValueError(f"DatasetActor.load_state_dict: epoch and position must be >= 0, got {state}")
+        self._start_epoch(epoch, position)
 
     @endpoint
     def pad_token(self) -> int:

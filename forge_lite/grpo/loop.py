@@ -50,7 +50,7 @@ from forge_lite.grpo.config import GRPOConfig
 from forge_lite.rl.episode import Episode, Group
 from forge_lite.grpo.evaluation import is_correct
 from forge_lite.rl.loss import response_kl
-from forge_lite.grpo.recorder import MetricsRecorder
+from forge_lite.grpo.recorder import PHASES, MetricsRecorder
 from forge_lite.grpo.services import Services
 
 # With skip_uniform_groups, this many skipped groups in a row means the reward
@@ -215,7 +215,8 @@ async def record_step(
         buffer_size=await s.replay_buffer.numel.call_one(),
         tokens_per_s=rollouts.tokens / rollouts.wall_s,
         step_time_s=rollouts.wall_s,
-        time_split_s={**rollouts.seconds, **seconds},
+        # A phase no rollout reached since the last step (all paused) took 0 s.
+        time_split_s={**dict.fromkeys(PHASES, 0.0), **rollouts.seconds, **seconds},
         skipped_groups=rollouts.skipped_groups,
     )
 

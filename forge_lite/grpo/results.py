@@ -28,10 +28,13 @@ class GRPOResult:
     curve_path: str = ""
     metrics_path: str = ""
     files: dict = field(default_factory=dict)
+    # Steps taken in train_s: fewer than the recorder holds after a resume.
+    steps_trained: int | None = None
 
     @property
     def steps_per_min(self) -> float:
-        return 60 * len(self.recorder.steps) / self.train_s
+        steps = len(self.recorder.steps) if self.steps_trained is None else self.steps_trained
+        return 60 * steps / self.train_s
 
     @property
     def rollout_tokens_per_s(self) -> float:
@@ -55,8 +58,10 @@ class GRPOResult:
     def summary(self) -> str:
         steps = len(self.recorder.steps)
         k = max(1, min(10, steps // 2 or 1))
+        trained = steps if self.steps_trained is None else self.steps_trained
+        resumed = f" (steps {steps - trained} to {steps - 1}; resumed)" if trained < steps else ""
         lines = [
-            f"GRPO: {steps} steps in {self.train_s:.0f} s ({self.steps_per_min:.1f} steps/min), "
+            f"GRPO: {trained} steps{resumed} in {self.train_s:.0f} s ({self.steps_per_min:.1f} steps/min), "
             f"services started in {self.startup_s:.0f} s, whole run {self.wall_s:.0f} s",
             f"{'':24}{'first ' + str(k):>10}{'last ' + str(k):>10}",
         ]

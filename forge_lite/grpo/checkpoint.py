@@ -1,0 +1,407 @@
+"""Checkpoints: a GRPO run that survives a restart.
+
+Runs die: a JupyterHub culls an idle kernel, a laptop sleeps, someone
+presses restart. With ``checkpoint_every: N`` in the config, the training
+loop saves everything the run needs to go on after every N-th step's weight
+sync, and a new run continues from the last complete checkpoint::
+
+    result = await run_grpo(resume="runs/grpo")         # the checkpoint's own config
+    python -m forge_lite.grpo --resume runs/grpo         # from a terminal
+
+What a checkpoint holds, one file each, under the run's output_dir::
+
+    checkpoints/step-000010/      10 steps done: the resumed run's first step is step 10
+        checkpoint.json           what it is: step, policy version, save time, each file's size
+        config.yaml               the run's config
+        trainer.pt                the trainer's weights, Adam's moments, the lr schedule (torch.save)
+        replay_buffer.pt          the buffer's episodes and its sampling RNG (a pickle: resume
+                                  only from checkpoints you trust)
+        dataset.json              the dataset's epoch and how many of its rows were served
+        recorder.json             every step and version recorded so far: the curves
+
+The policy serves the trainer's weights (the checkpoint's policy version), so
+the weights are stored once; a resumed run puts them into its weight store as
+that version and starts the policy replicas on them.
+
+Atomic: a save writes into a hidden temporary directory beside the
+checkpoints (``.step-000010.tmp-...``), fsyncs every file and the directory,
+then renames it to ``step-000010``, and a rename is atomic. A crash mid-save
+leaves the temporary directory, which is never taken for a checkpoint (the
+next save deletes it), and the earlier checkpoints untouched. A
+``step-NNNNNN`` directory is complete only if its checkpoint.json is there
+and names files that are all there, each of the size it says. The two
+checkpoints saved last are kept.
+
+``resume=DIR`` takes a run's output_dir, its ``checkpoints/`` folder (the
+complete checkpoint saved last, which after a crash is where the run
+stopped), or one ``step-NNNNNN`` directory (that one).
+
+A resumed run continues the step count, the policy version, the weights,
+optimizer and lr schedule, the buffer, the dataset's order and the recorded
+curves. What it loses: the groups the rollouts had in flight at the save
+(their prompts are not served again) and anything the killed run did after
+its last checkpoint.
+
+Its config is the checkpoint's, or one you pass; the keys in
+``FIXED_ON_RESUME`` must then equal the checkpoint's (a ValueError names the
+key and both values). Everything else may change: ``steps`` (to train
+longer; it must exceed the checkpoint's step, and with ``trainer.lr_decay``
+the decay then reaches 0 at the new last step), ``output_dir``,
+``checkpoint_every``, ``eval_samples``, ``progress``, the rollout tasks,
+``max_policy_age``, the replicas and sampling, the reference model, the
+rewards, ``trainer.beta``, ``trainer.max_norm`` and the micro-batch size.
+
+Measured for the tiny config (the shipped 3.4 MB model, AdamW) on 2 shared
+cores: a checkpoint is 10.4 MB (trainer.pt; the rest is tens of kB); saving
+one took 0.06-0.07 s, about half a training step, while the rollouts went
+on; reading and restoring it 0.09 s. The trainer's state travels to the
+controller as one message: fine for small models, while a 1.7B model's
+(about 20 GB with Adam's moments) would want the trainer to write its own
+files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from forge_lite.grpo.config import GRPOConfig, load_config
+from forge_lite.grpo.recorder import MetricsRecorder
+
+FORMAT = "forge_lite GRPO checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "checkpoint.json"
+#: The files every checkpoint holds besides its manifest.
+FILES = ("config.yaml", "trainer.pt", "replay_buffer.pt", "dataset.json", "recorder.json")
+KEEP_LAST = 2
+_NAME = re.compile(r"step-(\d+)")
+
+#: Config keys a resumed run cannot change, and why.
+FIXED_ON_RESUME = {
+    "model": "the checkpoint's weights are this model's",
+    "group_size": "the buffer's episodes and their advantages were made in groups of this size",
+    "batch_size": "the replay buffer and the lr schedule's steps are sized for batches of it",
+    "data.path": "the dataset position counts rows of this data set",
+    "data.revision": "the dataset position counts rows of this data set",
+    "data.train_split": "the dataset position counts rows of this split",
+    "data.streaming": "a streamed data set is shuffled in another order",
+    "data.request_len": "the buffer's episodes are padded to this length",
+    "policy.max_tokens": "the buffer's episodes are padded to this length",
+    "trainer.procs": "a trainer is restored only onto the layout it was saved from",
+    "trainer.optimizer": "the optimizer state is this optimizer's",
+    "trainer.dtype": "the optimizer state is in this dtype",
+    "trainer.lr": "the optimizer and lr schedule state come from the checkpoint and would override it",
+    "trainer.weight_decay": "the optimizer state comes from the checkpoint and would override it",
+    "trainer.warmup_steps": "the lr schedule continues the checkpoint's",
+    "trainer.lr_decay": "the lr schedule continues the checkpoint's",
+}
+
+
+# ---------------------------------------------------------------- saving
+
+
+async def save_if_due(s, config: GRPOConfig, recorder: MetricsRecorder, steps_done: int,
+                      policy_version: int) -> Path | None:
+    """Save a checkpoint if ``steps_done`` is a multiple of ``config.checkpoint_every``
+    (the training loop's one line); returns its path, or None when none was due."""
+    every = config.checkpoint_every
+    if every is None or steps_done % every:
+        return None
+    return await save_checkpoint(s, config, recorder, steps_done, policy_version)
+
+
+async def save_checkpoint(s, config: GRPOConfig, recorder: MetricsRecorder, steps_done: int,
+                          policy_version: int) -> Path:
+    """Save the run as it is now to ``<config.output_dir>/checkpoints/step-<steps_done>``.
+
+    Parameters
+    ----------
+    s:
+        The run's ``Services``; the trainer must be between steps (the
+        rollouts may go on meanwhile).
+    config:
+        The run's config; saved with it. Its ``output_dir`` says where.
+    recorder:
+        The run's recorder; its steps and versions are saved.
+    steps_done, policy_version:
+        Training steps taken so far, and the version the policy serves now.
+
+    Returns the checkpoint's path; deletes all but the ``KEEP_LAST``
+    checkpoints saved last. Raises ValueError if ``config.output_dir`` is None.
+
+    Example: ``path = await save_checkpoint(run.services, run.config, run.recorder, 10, 10)``.
+    """
+    if config.output_dir is None:
+        raise ValueError("saving a checkpoint needs config.output_dir: the checkpoints go under it")
+    began = time.perf_counter()
+    trainer_state = rank_zero(await s.trainer.state_dict.call())
+    # The buffer before the dataset: a prompt served between the two snapshots
+    # is then counted as served but its group is not in the buffer. Resumed,
+    # it is lost, like every group in flight; the other order would train on
+    # it twice.
+    buffer_state = await s.replay_buffer.state_dict.call_one()
+    dataset_state = await s.dataloader.state_dict.call_one()
+    contents = {
+        "config.yaml": config.to_dict(),
+        "trainer.pt": trainer_state,
+        "replay_buffer.pt": buffer_state,
+        "dataset.json": dataset_state,
+        "recorder.json": {
+            "steps": [record.as_dict() for record in recorder.steps],
+            "versions": [dataclasses.asdict(record) for record in recorder.versions],
+        },
+    }
+    root = Path(config.output_dir) / "checkpoints"
+    # Writing is disk work: in a thread, so the rollouts' calls keep flowing.
+    path = await asyncio.to_thread(write_checkpoint, root, steps_done, policy_version, contents)
+    prune(root, KEEP_LAST)
+    size = sum(read_manifest(path)["files"].values())
+    tqdm.write(f"GRPO: checkpoint {path} saved in {time.perf_counter() - began:.2f} s "
+               f"({size / 1e6:.1f} MB)")
+    return path
+
+
+def rank_zero(values) -> Any:
+    """Rank 0's answer of the trainer's ``state_dict.call()`` (the other ranks answer None)."""
+    return next(value for value in values.values() if value is not None)
+
+
+def write_checkpoint(root: str | Path, steps_done: int, policy_version: int,
+                     contents: dict[str, Any]) -> Path:
+    """Write ``contents`` as the checkpoint ``<root>/step-<steps_done>``, atomically.
+
+    ``contents`` maps each file name to what goes in it, by the name's
+    ending: ``.pt`` torch.save, ``.json`` JSON, ``.yaml`` YAML. The files go
+    into a temporary directory in ``root``, are fsync'd, and the directory is
+    renamed to its final name last, replacing a checkpoint of that name.
+    Returns the final path. A save that fails deletes its temporary
+    directory; one killed leaves it, and the next save deletes it.
+
+    Example: ``write_checkpoint("out/checkpoints", 10, 10, {"dataset.json": {"epoch": 0}, ...})``.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(root)
+    final = root / f"step-{steps_done:06d}"
+    # Named by process and time, so no two saves share it (mkdtemp would make it private: 0700).
+    temporary = root / f".{final.name}.tmp-{os.getpid()}-{time.time_ns()}"
+    temporary.mkdir()
+    try:
+        sizes = {name: write_file(temporary / name, content) for name, content in contents.items()}
+        write_file(temporary / MANIFEST, {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "step": steps_done,
+            "policy_version": policy_version, "saved_at": time.time(), "files": sizes,
+        })
+        fsync_directory(temporary)
+        if final.exists():  # the same step saved before (an earlier run): move it aside first
+            os.rename(final, root / f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.rename(temporary, final)
+        fsync_directory(root)  # makes the rename itself durable
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    remove_leftovers(root)
+    return final
+
+
+def write_file(path: Path, content: Any) -> int:
+    """Write ``content`` to ``path`` in the format its name ends with, fsync'd; returns its size in bytes."""
+    with open(path, "wb") as out:
+        if path.suffix == ".pt":
+            torch.save(content, out)
+        elif path.suffix == ".json":
+            out.write(json.dumps(content, indent=1).encode())
+        elif path.suffix == ".yaml":
+            out.write(yaml.safe_dump(content, sort_keys=False).encode())
+        else:
+            raise ValueError(f"write_file: no format for {path.name!r} (.pt, .json or .yaml)")
+        out.flush()
+        os.fsync(out.fileno())  # on disk before the rename that publishes it
+    return path.stat().st_size
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the names in directory ``path`` durable (new files, renames)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def remove_leftovers(root: Path) -> None:
+    """Delete the hidden directories of saves that died (``.step-*``): one run saves at a time."""
+    for path in root.glob(".step-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the ``keep`` complete checkpoints in ``root`` saved last."""
+    for path in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- finding
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The checkpoint.json of the complete checkpoint at ``path``.
+
+    Raises ValueError saying why ``path`` is not one: no checkpoint.json,
+    not a forge_lite checkpoint, or a file missing or of the wrong size.
+    """
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} has no {MANIFEST}: not a complete checkpoint") from None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}/{MANIFEST} cannot be read: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}/{MANIFEST} is not a {FORMAT}'s")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} is a version {manifest.get('format_version')} checkpoint; "
+                         f"this kit reads version {FORMAT_VERSION}")
+    files = manifest.get("files", {})
+    for name in FILES:
+        if name not in files:
+            raise ValueError(f"{path}: {MANIFEST} lists no {name}")
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"{path}: {name} is missing: the checkpoint is incomplete")
+        if file.stat().st_size != size:
+            raise ValueError(f"{path}: {name} has {file.stat().st_size} bytes, {MANIFEST} says "
+                             f"{size}: the checkpoint is incomplete")
+    return manifest
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """The complete ``step-NNNNNN`` checkpoints directly in ``root``, saved last last."""
+    found = []
+    for path in Path(root).iterdir() if Path(root).is_dir() else ():
+        if not (path.is_dir() and _NAME.fullmatch(path.name)):
+            continue  # temporary directories of a save in progress or killed, other files
+        try:
+            manifest = read_manifest(path)
+        except ValueError:
+            continue
+        found.append((manifest["saved_at"], manifest["step"], path))
+    return [path for _, _, path in sorted(found)]
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint to resume from ``path``.
+
+    ``path`` is a run's output_dir or its ``checkpoints/`` folder (the
+    complete checkpoint saved last), or one ``step-NNNNNN`` checkpoint
+    directory (that one). Raises FileNotFoundError if ``path`` does not
+    exist, and ValueError, naming ``path`` and what was expected, if it
+    holds no complete checkpoint.
+
+    Example: ``find_checkpoint("runs/grpo")`` -> ``runs/grpo/checkpoints/step-000010``.
+    """
+    path = Path(path).expanduser()
+    expected = ("expected a GRPO run's output_dir holding checkpoints/step-NNNNNN/ (saved with "
+                "checkpoint_every), its checkpoints/ folder, or one step-NNNNNN/ checkpoint")
+    if not path.exists():
+        raise FileNotFoundError(f"cannot resume from {path}: it does not exist; {expected}")
+    if not path.is_dir():
+        raise ValueError(f"cannot resume from {path}: it is a file; {expected}")
+    if (path / MANIFEST).exists():  # one checkpoint
+        read_manifest(path)  # raises if incomplete
+        return path
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = complete_checkpoints(folder)
+    if found:
+        return found[-1]
+    incomplete = sorted(p.name for p in folder.iterdir() if _NAME.fullmatch(p.name))
+    raise ValueError(
+        f"cannot resume from {path}: it holds no complete checkpoint"
+        + (f" (incomplete: {incomplete})" if incomplete else "") + f"; {expected}"
+    )
+
+
+# ---------------------------------------------------------------- resuming
+
+
+def checkpoint_config(path: str | os.PathLike, overrides=()) -> GRPOConfig:
+    """The config saved in the checkpoint ``find_checkpoint(path)`` finds, with
+    ``overrides`` such as ``["steps=100"]`` applied (``load_config``'s)."""
+    return load_config(find_checkpoint(path) / "config.yaml", overrides)
+
+
+def resume_config(checkpoint: Path, config: GRPOConfig | None) -> GRPOConfig:
+    """The config a run resumed from ``checkpoint`` (a checkpoint directory) runs with.
+
+    None: the checkpoint's own. A config: that one, once checked. Raises
+    ValueError naming the key and both values if it changes a key of
+    ``FIXED_ON_RESUME``, and if its ``steps`` leave nothing to train.
+    """
+    saved = load_config(checkpoint / "config.yaml")
+    if config is None:
+        config = saved
+    for key, why in FIXED_ON_RESUME.items():
+        before, now = _dotted(saved, key), _dotted(config, key)
+        if before != now:
+            raise ValueError(
+                f"cannot resume {checkpoint} with {key}={now!r}: its run had {key}={before!r}, and "
+                f"{key} cannot change mid-run ({why}); use {key}={before!r}, or start a new run"
+            )
+    step = read_manifest(checkpoint)["step"]
+    if config.steps <= step:
+        raise ValueError(
+            f"cannot resume {checkpoint} with steps={config.steps}: it is at step {step}, so "
+            f"nothing is left to train; pass a config with steps > {step} (steps=... on the "
+            f"command line)"
+        )
+    return config
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Everything in the checkpoint directory ``path``: its manifest's ``step`` and
+    ``policy_version``, and ``trainer``, ``replay_buffer``, ``dataset``, ``recorder``.
+
+    The replay buffer's file is unpickled (Episodes): load only checkpoints
+    you trust. Raises ValueError if the checkpoint is incomplete.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    return {
+        "step": manifest["step"],
+        "policy_version": manifest["policy_version"],
+        "trainer": torch.load(path / "trainer.pt", weights_only=True),
+        "replay_buffer": torch.load(path / "replay_buffer.pt", weights_only=False),
+        "dataset": json.loads((path / "dataset.json").read_text()),
+        "recorder": json.loads((path / "recorder.json").read_text()),
+    }
+
+
+async def restore(s, state: dict, recorder: MetricsRecorder) -> None:
+    """Put ``load_checkpoint``'s ``state`` into freshly started services and the recorder.
+
+    The policy replicas are not here: they start on the checkpoint's weights
+    (``start_services(..., policy_version=state["policy_version"])``).
+    """
+    await s.trainer.load_state_dict.call(state["trainer"])  # every rank the same
+    await s.replay_buffer.load_state_dict.call_one(state["replay_buffer"])
+    await s.dataloader.load_state_dict.call_one(state["dataset"])
+    recorder.load(state["recorder"]["steps"], state["recorder"]["versions"])
+
+
+def _dotted(config: GRPOConfig, key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
