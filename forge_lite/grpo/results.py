@@ -83,7 +83,8 @@ class GRPOResult:
         if self.eval_accuracy_before is not None:
             lines.append(
                 f"held-out greedy accuracy ({self.config.eval_samples} problems): "
-                f"{self.eval_accuracy_before:.3f} -> {self.eval_accuracy_after:.3f}"
+                f"{self.eval_accuracy_before:.3f} -> "
+                + ("(interrupted)" if self.eval_accuracy_after is None else f"{self.eval_accuracy_after:.3f}")
             )
         lines.append(f"reward curve: {self.curve_path}")
         return "\n".join(lines)
@@ -126,6 +127,7 @@ def plot_reward_curve(result: GRPOResult, path: str) -> None:
     if result.eval_accuracy_before is not None:
         ax.axhline(result.eval_accuracy_before, color="#757575", linestyle=":",
                    label=f"held-out greedy accuracy before ({result.eval_accuracy_before:.2f})")
+    if result.eval_accuracy_after is not None:  # None: the run was interrupted
         ax.axhline(result.eval_accuracy_after, color="black", linestyle="--",
                    label=f"held-out greedy accuracy after ({result.eval_accuracy_after:.2f})")
     ax.set_xlabel("training step")
