@@ -64,7 +64,7 @@ async def test_two_ranks_take_the_step_one_process_takes_on_the_whole_batch(stor
     # No gradient clipping: it rescales the gradient to max_norm, which would
     # hide a gradient off by a constant factor (e.g. not undoing DDP's average).
     training = {"seq_len": 64, "max_norm": float("inf")}
-    settings = dict(model=DEFAULT_MODEL, optimizer=SGD, training=training)
+    settings = dict(model=DEFAULT_MODEL, optimizer=SGD, training=training, weight_store=store)
 
     single = await RLTrainer.options(procs=1).as_actor(**settings)
     try:
