@@ -10,10 +10,18 @@ from forge_lite.controller import ForgeActor
 
 # In the caller's process (a notebook kernel, a script) install the fault hook
 # now, so even raw Monarch used after this import cannot take the kernel down.
-# The kit's own worker processes import this package too; they leave Monarch's
-# defaults alone.
+# (Monarch's client itself starts at the first spawn, so that attach_cluster
+# can still choose its transport.) The kit's own worker processes import this
+# package too; they leave Monarch's defaults alone.
 if not _runtime.in_worker_process():
-    _runtime.configure_client()
+    _runtime.install_fault_hook()
 
-__all__ = ["ForgeActor"]
+from forge_lite.controller.cluster import (  # noqa: E402
+    attach_cluster,
+    attach_job,
+    detach_cluster,
+)
+from forge_lite.controller.cluster import current as cluster  # noqa: E402
+
+__all__ = ["ForgeActor", "attach_cluster", "attach_job", "cluster", "detach_cluster"]
 __version__ = "0.1.0"

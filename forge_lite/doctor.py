@@ -155,6 +155,26 @@ def _shipped_model() -> Row:
                "git checkout forge_lite/assets (it is part of the repository)")
 
 
+def _cluster_rows() -> list[Row]:
+    """The cluster services are placed on: this machine, or one row per host."""
+    from forge_lite.controller.cluster import current, host_versions_match
+
+    cluster = current()
+    if cluster.is_local:
+        return [Row("cluster", True, "this machine only (forge_lite.attach_cluster adds hosts)")]
+    rows = [Row("cluster", True, f"{len(cluster.hosts)} hosts ({cluster.kind}); no TLS: trusted network only")]
+    for host in cluster.hosts:
+        facts = host.facts
+        same, versions = host_versions_match(host)
+        detail = (
+            f"{host.where}: {'reachable' if host.state == 'UP' else 'NOT reachable'}, "
+            f"{facts.get('cpus', '?')} CPUs, {len(facts.get('gpus', []))} GPUs, {versions}"
+        )
+        fix = host.reason if host.state != "UP" else "install the same forge_lite and torchmonarch there"
+        rows.append(Row(host.name, host.state == "UP" and same, detail, fix))
+    return rows
+
+
 def run_checks(full: bool = True) -> list[Row]:
     import forge_lite  # noqa: F401  (Monarch settings before monarch loads)
 
@@ -170,6 +190,7 @@ def run_checks(full: bool = True) -> list[Row]:
         _shipped_model(),
     ]
     rows.append(_engine(rows))
+    rows += _cluster_rows()
     return rows
 
 
@@ -190,9 +211,41 @@ def check(full: bool = False) -> bool:
     return all(r.ok or not r.required for r in rows)
 
 
+def _attach_for_report(addresses: list[str]) -> list[Row]:
+    """Attach the workers at ``addresses`` in this process, report each, detach."""
+    import forge_lite
+    from forge_lite.controller.cluster import accepts_connections
+
+    async def report() -> list[Row]:
+        up = [await accepts_connections(a, timeout=3.0) for a in addresses]
+        rows = [Row(a, False, "NOT reachable: nothing answers there",
+                    "start `python -m forge_lite.worker --address tcp://0.0.0.0:PORT` there")
+                for a, ok in zip(addresses, up) if not ok]
+        reachable = [a for a, ok in zip(addresses, up) if ok]
+        if not reachable:
+            return [Row("cluster", False, "no worker answers", "start a worker on each address")] + rows
+        try:
+            await forge_lite.attach_cluster(reachable)
+        except Exception as e:
+            return [Row("cluster", False, f"{type(e).__name__}: {e}", "start a worker on each address")] + rows
+        try:
+            return _cluster_rows() + rows
+        finally:
+            await forge_lite.detach_cluster()
+
+    return asyncio.run(report())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``python -m forge_lite.doctor [--quiet] [--cluster tcp://A:26600,tcp://B:26600]``"""
     argv = sys.argv[1:] if argv is None else argv
+    cluster_rows: list[Row] = []
+    if "--cluster" in argv:
+        # First: Monarch's transport (TCP for other machines) is chosen at its first call.
+        cluster_rows = _attach_for_report(argv[argv.index("--cluster") + 1].split(","))
     rows = run_checks(full=True)
+    if cluster_rows:
+        rows = [r for r in rows if r.name != "cluster"] + cluster_rows
     ready = all(r.ok or not r.required for r in rows)
     if "--quiet" not in argv or not ready:
         print(format_table(rows))

@@ -140,9 +140,15 @@ class ForgeActor(Actor):
     ) -> type:
         """A subclass of ``cls`` with these deployment settings.
 
-        ``procs`` processes per replica, ``num_replicas`` replicas (services),
-        ``with_gpus`` one GPU per process. Other keys are service settings
-        (see ``ServiceConfig``), e.g. ``router="least_loaded"``.
+        ``procs`` processes per host, ``hosts`` hosts per replica (None: 1;
+        more than one needs a cluster, see ``forge_lite.attach_cluster``),
+        ``num_replicas`` replicas (services), ``with_gpus`` one GPU per
+        process. Other keys are service settings (see ``ServiceConfig``),
+        e.g. ``router="least_loaded"``.
+
+        Raises ValueError for a count below 1 and TypeError for an unknown
+        key. Whether the cluster has ``hosts`` hosts is checked when the
+        actor or service starts, not here: the cluster may change.
         """
         if not (isinstance(cls, type) and issubclass(cls, ForgeActor)):
             raise TypeError(
@@ -166,11 +172,9 @@ class ForgeActor(Actor):
             value = layout[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
-        if layout["hosts"] not in (None, 1):
-            raise ValueError(
-                f"hosts={layout['hosts']!r}: forge_lite runs every replica on this host; "
-                "use hosts=None (or 1)."
-            )
+        hosts = layout["hosts"]
+        if hosts is not None and (not isinstance(hosts, int) or isinstance(hosts, bool) or hosts < 1):
+            raise ValueError(f"hosts must be None or an integer >= 1, got {hosts!r}")
         settings = {**vars(cls.service_config), **service_settings}
         configured = type(
             cls.__name__,
@@ -202,13 +206,25 @@ class ForgeActor(Actor):
 
     @classmethod
     async def as_actor(cls, *args: Any, **kwargs: Any):
-        """Spawn ``procs`` processes with one actor each; return the ActorMesh.
+        """Spawn ``procs`` processes (on each of ``hosts`` hosts) with one actor
+        each; return the ActorMesh.
 
         Use Monarch's adverbs on the result: ``await actor.ep.call_one(...)``.
+        On a cluster the actor goes to the least-occupied hosts, and a mesh
+        over several hosts has the dimensions ``hosts`` and ``procs``.
+        Raises ValueError when ``hosts`` exceeds the cluster's hosts.
         """
+        from forge_lite.controller import cluster as _cluster
+
         name = cls.mesh_name or cls.actor_class().__name__.lower()
-        gpus = _procs.reserve_gpus(cls.procs, f"{cls.__name__}") if cls.with_gpus else None
-        processes = await _procs.spawn_processes(cls.procs, name, gpus)
+        cluster = _cluster.current()
+        if cluster.is_local:
+            cluster.check(cls.hosts or 1, f"{cls.__name__}.options(hosts={cls.hosts})")
+            gpus = _procs.reserve_gpus(cls.procs, f"{cls.__name__}") if cls.with_gpus else None
+            processes = await _procs.spawn_processes(cls.procs, name, gpus)
+        else:
+            placement = cluster.place(cls.hosts or 1, cls.procs, cls.with_gpus, f"{cls.__name__}.options(hosts={cls.hosts})")
+            processes = await _procs.spawn_processes(cls.procs, name, placement=placement)
         mesh = await spawn_actor_mesh(cls, processes, name, args, kwargs)
         _handles[id(mesh)] = (mesh, processes)
         return mesh

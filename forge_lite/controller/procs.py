@@ -19,7 +19,11 @@ import warnings
 from dataclasses import dataclass, field
 
 from monarch.actor import Actor, ProcMesh, endpoint, this_host
+from monarch._rust_bindings.monarch_hyperactor.host_mesh import BootstrapCommand
 from monarch._src.actor.host_mesh import default_bootstrap_cmd
+
+# The module every Monarch process starts with (what default_bootstrap_cmd runs).
+_BOOTSTRAP_MAIN = "monarch._src.actor.bootstrap_main"
 
 from forge_lite.controller import runtime
 
@@ -41,7 +45,7 @@ class _ProcessInfo(Actor):
 
 @dataclass
 class Processes:
-    """One ProcMesh the kit owns: its processes' pids and GPUs."""
+    """One ProcMesh the kit owns: its processes' pids, hosts and GPUs."""
 
     mesh: ProcMesh
     name: str
@@ -49,6 +53,11 @@ class Processes:
     gpus: list[int] = field(default_factory=list)
     info: object = None  # the _ProcessInfo mesh: answers health probes
     stopped: bool = False
+    # On a cluster (forge_lite.controller.cluster): where the mesh runs, and
+    # the host of each pid. None / empty: this machine.
+    placement: object = None
+    pid_hosts: list = field(default_factory=list)
+    remote: bool = False  # does any process run on another host than the caller's?
 
 
 _live: list[Processes] = []
@@ -110,13 +119,35 @@ def release_gpus(gpus: list[int]) -> None:
 # ---------------------------------------------------------------- spawn / stop
 
 
-async def spawn_processes(
-    count: int, name: str, gpus: list[int] | None = None, env: dict[str, str] | None = None
-) -> Processes:
-    """Start ``count`` processes as one ProcMesh named ``name``.
+# A process on another host that has not started in this long is not coming.
+REMOTE_SPAWN_TIMEOUT_S = 60.0
 
-    With ``gpus``, process ``i`` sees only ``gpus[i]`` (as its cuda:0). ``env``
-    is added to every process's environment (e.g. the replica index).
+
+async def spawn_processes(
+    count: int,
+    name: str,
+    gpus: list[int] | None = None,
+    env: dict[str, str] | None = None,
+    placement=None,
+    host_mesh=None,
+) -> Processes:
+    """Start ``count`` processes (per host) as one ProcMesh named ``name``.
+
+    Args:
+        count: processes per host.
+        name: the mesh's name (Monarch adds a random suffix).
+        gpus: on this machine, process ``i`` sees only ``gpus[i]`` (as its cuda:0).
+        env: added to every process's environment (e.g. the replica index).
+        placement: a cluster ``Placement``: start on its hosts, each process
+            with its GPU there and the host's own Python. None: this machine.
+        host_mesh: start on this HostMesh with the worker's own command and
+            environment (the cluster's agents, before a host's Python is known).
+
+    Returns:
+        The Processes, their pids known. On any error (a process on another
+        host that does not start within REMOTE_SPAWN_TIMEOUT_S seconds
+        included) whatever started is stopped, the placement given back, and
+        the error raised.
     """
     runtime.configure_client()
     base = default_bootstrap_cmd()
@@ -144,29 +175,78 @@ async def spawn_processes(
         extra["CUDA_VISIBLE_DEVICES"] = str(gpus[point.rank]) if gpus else ""
         return base.with_env(extra)
 
-    mesh = this_host().spawn_procs(
-        per_host={"procs": count}, name=name, bootstrap_command=command_for
-    )
-    procs = Processes(mesh=mesh, name=name, pids=[], gpus=list(gpus or []))
+    def command_on_host(point):
+        # On a cluster host: that host's Python (its path may differ from
+        # ours), and the GPU it gave this process.
+        host_index, proc = dict(point).get("hosts", 0), dict(point).get("procs", 0)
+        host = placement.hosts[host_index]
+        extra = {**quiet, **(env or {})}
+        extra["CUDA_VISIBLE_DEVICES"] = str(placement.gpus[host_index][proc]) if placement.gpus else ""
+        if host.is_this_host:
+            return base.with_env(extra)
+        return BootstrapCommand(host.facts["python"], None, ["-m", _BOOTSTRAP_MAIN], {}).with_env(extra)
+
+    remote = False
+    if host_mesh is not None:
+        mesh = host_mesh.spawn_procs(per_host={"procs": count}, name=name)
+        remote = True
+    elif placement is not None:
+        mesh = placement.mesh.spawn_procs(per_host={"procs": count}, name=name, bootstrap_command=command_on_host)
+        remote = not placement.on_this_host_only
+    else:
+        mesh = this_host().spawn_procs(
+            per_host={"procs": count}, name=name, bootstrap_command=command_for
+        )
+    procs = Processes(mesh=mesh, name=name, pids=[], gpus=list(gpus or []), placement=placement, remote=remote)
     _live.append(procs)
     try:
-        await mesh.initialized
-        procs.info = mesh.spawn(f"{name}_info", _ProcessInfo)
-        pids = await procs.info.pid.call()
-        procs.pids = [pid for _, pid in pids.items()]
+        if remote:
+            # A host that dies now would leave these awaits hanging for a
+            # minute or more (Monarch does not notice quickly): bound them.
+            await asyncio.wait_for(_start_info(procs, name), REMOTE_SPAWN_TIMEOUT_S)
+        else:
+            await _start_info(procs, name)
     except BaseException:
         await stop_processes(procs)
         raise
     return procs
 
 
+async def _start_info(procs: Processes, name: str) -> None:
+    await procs.mesh.initialized
+    procs.info = procs.mesh.spawn(f"{name}_info", _ProcessInfo)
+    pids = await procs.info.pid.call()
+    procs.pids = [pid for _, pid in pids.items()]
+    if procs.placement is not None:
+        procs.pid_hosts = [procs.placement.hosts[dict(point).get("hosts", 0)] for point, _ in pids.items()]
+
+
 def kill_processes(procs: Processes, sig: int = signal.SIGKILL) -> None:
-    """Send ``sig`` to every process of the mesh (fault injection, last resort)."""
-    for pid in procs.pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+    """Send ``sig`` to every process of the mesh (fault injection, last resort).
+
+    A pid means something only on its own machine: processes on another
+    host are killed there, by its agent, and those on a lost host when it
+    comes back.
+    """
+    if not procs.remote:
+        for pid in procs.pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        return
+    if not procs.pid_hosts:
+        log.debug("cannot kill %s: its host is not known", procs.name)
+        return
+    by_host: dict[int, tuple] = {}
+    for pid, host in zip(procs.pids, procs.pid_hosts):
+        by_host.setdefault(id(host), (host, []))[1].append(pid)
+    for host, pids in by_host.values():
+        if host.state == "LOST":
+            if procs not in host.orphans:
+                host.orphans.append(procs)
+        else:
+            procs.placement.cluster.kill_pids(host, pids, sig)
 
 
 async def stop_processes(procs: Processes, timeout: float = STOP_TIMEOUT_S) -> None:
@@ -175,12 +255,19 @@ async def stop_processes(procs: Processes, timeout: float = STOP_TIMEOUT_S) -> N
         return
     procs.stopped = True
     try:
-        await asyncio.wait_for(procs.mesh.stop(), timeout)
+        if procs.placement is not None and procs.placement.lost:
+            # Monarch's stop would wait for a host that does not answer:
+            # kill what can be reached now, the rest when its host is back.
+            kill_processes(procs)
+        else:
+            await asyncio.wait_for(procs.mesh.stop(), timeout)
     except Exception as e:  # includes TimeoutError and an already-dead mesh
         log.debug("stop of %s did not finish cleanly (%r); killing", procs.name, e)
         kill_processes(procs)
     finally:
         release_gpus(procs.gpus)
+        if procs.placement is not None:
+            procs.placement.release()
         if procs in _live:
             _live.remove(procs)
 
@@ -205,5 +292,8 @@ def caller_import_path() -> str:
 def _kill_leftovers() -> None:
     # When the kernel shuts down or restarts, nobody awaits a graceful stop:
     # make sure no process outlives it.
+    # Processes on other hosts are ended by their workers when this client
+    # goes away (a Monarch worker drops a disconnected client's work).
     for procs in list(_live):
-        kill_processes(procs)
+        if not procs.remote:
+            kill_processes(procs)

@@ -94,13 +94,18 @@ def _fault_hook(failure) -> None:
         log.exception("fault listener for %s raised", name)
 
 
-def configure_client() -> None:
-    """Install the fault hook and quiet Monarch in this process; idempotent.
+def install_fault_hook() -> None:
+    """Install the fault hook and turn off Monarch's log forwarding; idempotent.
 
-    Called before the first spawn. Also turns off Monarch's log forwarding,
-    which IPython switches on: with it, stopping a mesh whose process died
-    hangs in a log flush (measured: > 120 s under nbval). Child processes
-    inherit the kernel's stdout/stderr, so their prints still reach the cell.
+    Touches no Monarch connection, so it is safe at import time: Monarch fixes
+    its transport (Unix sockets, or TCP for hosts on other machines) at the
+    first call that needs a client, and ``forge_lite.attach_cluster`` must
+    still be able to choose TCP then.
+
+    Log forwarding is turned off because IPython switches it on: with it,
+    stopping a mesh whose process died hangs in a log flush (measured:
+    > 120 s under nbval). Child processes inherit the kernel's stdout/stderr,
+    so their prints still reach the cell.
     """
     global _configured
     if _configured:
@@ -110,8 +115,25 @@ def configure_client() -> None:
         monarch.configure(enable_log_forwarding=False)
     except Exception:  # older/newer Monarch without this key: keep defaults
         log.debug("could not turn off log forwarding", exc_info=True)
-    _quiet_first_context()
     _configured = True
+
+
+_client_started = False
+
+
+def client_started() -> bool:
+    """Has this process started Monarch's client (so its transport is fixed)?"""
+    return _client_started
+
+
+def configure_client() -> None:
+    """``install_fault_hook``, then create Monarch's client context quietly;
+    idempotent. Called before the first spawn."""
+    global _client_started
+    install_fault_hook()
+    if not _client_started:
+        _quiet_first_context()
+        _client_started = True
 
 
 def _quiet_first_context() -> None:

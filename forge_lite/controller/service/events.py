@@ -33,6 +33,7 @@ class RequestRouted(Event):
     router: str
     reason: str  # "round robin → 2", "session s-1 pinned → 1", ...
     attempt: int = 0
+    host: str | None = None  # where the replica runs: "local", "host1", "host0+host1"
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,19 @@ class ReplicaStateChanged(Event):
     old: str | None
     new: str
     reason: str
+    host: str | None = None  # where the replica runs (None before it is placed)
+
+
+@dataclass(frozen=True)
+class HostStateChanged(Event):
+    """Fires when a host of the cluster is lost (no answer within the probe
+    deadline) or is up again; only when the cluster is more than this machine."""
+
+    host: str  # "host1"
+    old: str | None
+    new: str  # "UP" or "LOST"
+    reason: str
+    where: str = ""  # "10.0.0.3:26600"
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,15 @@ class ServiceInterface:
         Raises IndexError for a replica that does not exist."""
         await self._service.kill_replica(index)
 
+    async def kill_host(self, index: int) -> None:
+        """SIGKILL host ``index`` of the cluster (its worker and every process
+        on it), as a machine losing power would; returns once the service has
+        noticed (its probe missed: about 2 s). Every replica there is FAILED,
+        its requests retried on other hosts, and it respawns on a host that
+        is up. Raises ValueError when the cluster is this machine alone and
+        IndexError for a host that does not exist."""
+        await self._service.kill_host(index)
+
     async def slow_replica(self, index: int, seconds: float) -> None:
         """Hold every request to replica ``index`` ``seconds`` longer (0 ends it),
         like a slow network or a busy GPU. Raises ValueError for seconds < 0."""

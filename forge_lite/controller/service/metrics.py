@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from forge_lite.controller.service.events import (
     Event,
     EventStream,
+    HostStateChanged,
     ReplicaStateChanged,
     RequestFinished,
     RequestRouted,
@@ -29,6 +30,7 @@ class ReplicaMetrics:
     index: int
     state: str = "RECOVERING"
     reason: str = ""
+    host: str | None = None  # "local", "host1", "host0+host1"
     requests: int = 0
     failures: int = 0
     in_flight: int = 0
@@ -47,6 +49,7 @@ class ReplicaMetrics:
             "index": self.index,
             "state": self.state,
             "reason": self.reason,
+            "host": self.host,
             "requests": self.requests,
             "failures": self.failures,
             "in_flight": self.in_flight,
@@ -62,6 +65,7 @@ class ServiceMetrics:
     def __init__(self, events: EventStream):
         self.replicas: dict[int, ReplicaMetrics] = {}
         self.session_pins: dict[str, int] = {}
+        self.hosts: dict[str, dict] = {}  # "host1" -> {"state", "reason", "where"}
         events.subscribe(self.observe, replay=True)
 
     def _replica(self, index: int) -> ReplicaMetrics:
@@ -83,6 +87,10 @@ class ServiceMetrics:
         elif isinstance(event, ReplicaStateChanged):
             r = self._replica(event.replica)
             r.state, r.reason = event.new, event.reason
+            if event.host is not None:
+                r.host = event.host
+        elif isinstance(event, HostStateChanged):
+            self.hosts[event.host] = {"state": event.new, "reason": event.reason, "where": event.where}
         elif isinstance(event, SessionStarted):
             self._move_session(event.session, event.replica)
         elif isinstance(event, SessionMoved):
@@ -98,10 +106,23 @@ class ServiceMetrics:
             self.session_pins[session] = replica
             self._replica(replica).sessions += 1
 
+    def _hosts(self, replicas: list[dict]) -> dict:
+        """Each host's state and the replicas on it (a replica over two hosts
+        is listed under both); hosts no event named are UP."""
+        hosts = {name: {**info, "replicas": []} for name, info in self.hosts.items()}
+        for r in replicas:
+            if r["host"] is None or r["state"] == "STOPPED":
+                continue
+            for name in r["host"].split("+"):
+                hosts.setdefault(name, {"state": "UP", "reason": "", "where": "", "replicas": []})
+                hosts[name]["replicas"].append(r["index"])
+        return hosts
+
     def snapshot(self) -> dict:
         replicas = [self.replicas[i].as_dict() for i in sorted(self.replicas)]
         return {
             "replicas": replicas,
+            "hosts": self._hosts(replicas),
             "sessions": len(self.session_pins),
             "healthy": sum(r["state"] in ("HEALTHY", "OVERLOADED") for r in replicas),
             "requests": sum(r["requests"] for r in replicas),

@@ -1,9 +1,11 @@
 """One replica of a service: its processes, its actor, its state.
 
-A replica is its own ProcMesh (``procs`` processes) with one ActorMesh on it,
-so it can die and be replaced without touching the others. The replica knows
-how to start, call, probe and stop itself; deciding *when* (routing, retries,
-respawns) is the service's job.
+A replica is its own ProcMesh (``procs`` processes, on each of its ``hosts``
+hosts of the cluster) with one ActorMesh on it, so it can die and be replaced
+without touching the others. It is placed before it spawns (``place``), and
+``host`` says where: "local" on this machine alone, else "host1" or
+"host0+host1". The replica knows how to start, call, probe and stop itself;
+deciding *when* (routing, retries, respawns) is the service's job.
 
 States, as the dashboard shows them:
   RECOVERING  processes being spawned (at start, and after a failure)
@@ -90,6 +92,20 @@ class ReplicaFailure(Exception):
     """The replica could not run the call: its process died or is unreachable."""
 
 
+class HostLost(ReplicaFailure):
+    """The replica's host was lost; calls in flight there were given up."""
+
+
+def _being_cancelled() -> bool:
+    """Is the running task itself being cancelled (rather than what it awaits)?"""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _reason(cancelled: asyncio.CancelledError) -> str:
+    return str(cancelled.args[0]) if cancelled.args else "its host was lost"
+
+
 def describe_failure(report: str) -> str:
     """A one-line reason from Monarch's multi-line failure report."""
     if m := re.search(r"Killed\(sig=(\d+)\)", report):
@@ -121,6 +137,15 @@ class Replica:
         self.mesh: Any = None
         self.last_spawn_s: float | None = None
         self._actor_name = ""
+        # Where it runs: "local" on this machine; on a cluster the host names
+        # ("host1", "host0+host1"), the Host objects, and its home: where it
+        # was first placed, where it goes back to after its host returns.
+        self.host: str | None = None
+        self.hosts: list = []
+        self.home: list | None = None
+        self._placement = None  # chosen by place(), not yet handed to a spawn
+        # Calls (and a spawn) in flight: given up at once if the host is lost.
+        self._pending: set[asyncio.Future] = set()
 
     # ------------------------------------------------------------ properties
 
@@ -136,34 +161,89 @@ class Replica:
     def pids(self) -> list[int]:
         return list(self.processes.pids) if self.processes else []
 
+    @property
+    def displaced(self) -> bool:
+        """Runs away from its home hosts (they were lost)."""
+        return self.home is not None and self.hosts != self.home
+
     # ------------------------------------------------------------ lifecycle
 
+    def place(self, prefer_home: bool = True) -> None:
+        """Choose where the next ``spawn`` runs and set ``host``.
+
+        On this machine alone there is nothing to choose. On a cluster: the
+        replica's home when it is up, else the least-occupied hosts; raises
+        what ``Cluster.place`` raises (too few hosts up, no free GPUs).
+        """
+        cluster = self.service.cluster
+        self._release_placement()
+        if cluster.is_local:
+            self.host, self.hosts = "local", list(cluster.hosts)
+            return
+        cls = self.service.actor_cls
+        self._placement = cluster.place(
+            cls.hosts or 1, cls.procs, cls.with_gpus, f"{self.service.name} replica {self.index}",
+            prefer=self.home if prefer_home else None,
+        )
+        self.hosts = list(self._placement.hosts)
+        self.host = self._placement.name
+        if self.home is None:
+            self.home = list(self.hosts)
+
+    def _release_placement(self) -> None:
+        if self._placement is not None:
+            self._placement.release()
+            self._placement = None
+
     async def spawn(self) -> None:
-        """Start fresh processes and the actor on them (runs ``setup``)."""
+        """Start fresh processes and the actor on them (runs ``setup``), where
+        ``place`` chose (it is called here if it was not).
+
+        On a cluster the spawn is given up, with HostLost, the moment its
+        host is lost (``abandon``): Monarch would wait a minute or more.
+        """
+        if self.host is None or (self._placement is None and not self.service.cluster.is_local):
+            self.place()
+        if self.service.cluster.is_local:
+            return await self._spawn()
+        task = asyncio.ensure_future(self._spawn())
+        self._pending.add(task)
+        try:
+            await task
+        except asyncio.CancelledError as e:
+            if task.cancelled() and not _being_cancelled():
+                raise HostLost(_reason(e)) from None
+            raise
+        finally:
+            self._pending.discard(task)
+
+    async def _spawn(self) -> None:
         svc = self.service
         self.generation += 1
         # Monarch names a failed mesh "<actor name>-<random>": a name unique to
         # this replica and generation maps a failure back to us.
         self._actor_name = f"{svc.name}_r{self.index}_g{self.generation}"
         started = time.perf_counter()
-        gpus = (
-            _procs.reserve_gpus(svc.actor_cls.procs, f"{svc.name} replica {self.index}")
-            if svc.actor_cls.with_gpus
-            else None
-        )
-        try:
+        env = {runtime.REPLICA_ENV: str(self.index), runtime.JOINING_ENV: "1" if svc.serving else "0"}
+        if not svc.cluster.is_local:
+            # The placement now belongs to the processes: stopping them gives it back.
+            placement, self._placement = self._placement, None
             self.processes = await _procs.spawn_processes(
-                svc.actor_cls.procs,
-                f"{svc.name}_r{self.index}",
-                gpus,
-                env={
-                    runtime.REPLICA_ENV: str(self.index),
-                    runtime.JOINING_ENV: "1" if svc.serving else "0",
-                },
+                svc.actor_cls.procs, f"{svc.name}_r{self.index}", env=env, placement=placement
             )
-        except BaseException:
-            _procs.release_gpus(gpus or [])
-            raise
+        else:
+            gpus = (
+                _procs.reserve_gpus(svc.actor_cls.procs, f"{svc.name} replica {self.index}")
+                if svc.actor_cls.with_gpus
+                else None
+            )
+            try:
+                self.processes = await _procs.spawn_processes(
+                    svc.actor_cls.procs, f"{svc.name}_r{self.index}", gpus, env=env
+                )
+            except BaseException:
+                _procs.release_gpus(gpus or [])
+                raise
         runtime.on_mesh_failure(self._actor_name, self._on_mesh_failure)
         try:
             self.mesh = await spawn_actor_mesh(
@@ -184,8 +264,16 @@ class Replica:
 
     async def stop(self) -> None:
         runtime.forget_mesh(self._actor_name)
+        self._release_placement()
         if self.processes is not None:
             await _procs.stop_processes(self.processes)
+
+    def abandon(self, reason: str) -> None:
+        """Its host is lost: every call (and a spawn) in flight here fails
+        now with HostLost(``reason``), instead of hanging until Monarch
+        gives up on the host."""
+        for pending in list(self._pending):
+            pending.cancel(msg=reason)
 
     def kill(self) -> None:
         """SIGKILL every process of this replica (fault injection)."""
@@ -195,7 +283,8 @@ class Replica:
     # ------------------------------------------------------------ calls
 
     async def call(self, endpoint: str, args: tuple, kwargs: dict) -> Any:
-        """Run ``endpoint`` on this replica; rank 0's result for multi-process replicas.
+        """Run ``endpoint`` on this replica; rank 0's result for a replica of
+        several processes (or hosts).
 
         Raises UserError for an exception from the endpoint's code and
         ReplicaFailure when the replica itself failed.
@@ -206,17 +295,29 @@ class Replica:
         if mesh is None or not self.accepting:
             raise ReplicaFailure(f"replica {self.index} is {self.state}")
         method = getattr(mesh, endpoint)
+        cls = self.service.actor_cls
+        one_process = cls.procs == 1 and (cls.hosts or 1) == 1
+        pending = None
         try:
-            if self.service.actor_cls.procs == 1:
-                return await method.call_one(*args, **kwargs)
-            values = await method.call(*args, **kwargs)
-            return next(iter(values.values()))
+            if one_process:
+                pending = method.call_one(*args, **kwargs).as_asyncio()
+            else:
+                pending = method.call(*args, **kwargs).as_asyncio()
+            self._pending.add(pending)
+            result = await pending
+            return result if one_process else next(iter(result.values()))
+        except asyncio.CancelledError as e:
+            if pending is not None and pending.cancelled() and not _being_cancelled():
+                raise HostLost(_reason(e)) from None  # abandon(): its host is lost
+            raise
         except ActorError as e:
             raise UserError(e.exception) from None
         except (TypeError, ValueError):
             raise  # bad arguments, checked on the caller's side: the caller's error
         except Exception as e:  # SupervisionError and friends: infrastructure
             raise ReplicaFailure(describe_failure(str(e))) from e
+        finally:
+            self._pending.discard(pending)
 
     async def probe(self, timeout: float) -> None:
         """Ask a helper actor on each process for its pid: does the process answer?"""

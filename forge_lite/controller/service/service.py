@@ -17,10 +17,12 @@ import time
 from collections import deque
 from typing import Any
 
+from forge_lite.controller import cluster as _cluster
 from forge_lite.controller import procs as _procs
 from forge_lite.controller.service.events import (
     CallbackErrors,
     EventStream,
+    HostStateChanged,
     ReplicaStateChanged,
     RequestFinished,
     RequestRetried,
@@ -32,6 +34,7 @@ from forge_lite.controller.service.events import (
 )
 from forge_lite.controller.service.metrics import ServiceMetrics
 from forge_lite.controller.service.replica import (
+    HostLost,
     Replica,
     ReplicaFailure,
     ReplicaState,
@@ -100,6 +103,15 @@ class Service:
     one failed and none respawns) they fail with NoHealthyReplicaError
     instead of waiting forever. Everything decided is published on
     ``events``.
+
+    On a cluster of several hosts (``forge_lite.attach_cluster``) each
+    replica is placed on hosts (``Replica.place``), and a fifth door opens:
+    the cluster's probe of each host (``_on_host``). When a host is lost,
+    every replica on it fails at once with a reason naming the host, and the
+    calls in flight there are given up (``Replica.abandon``) and retried
+    elsewhere: Monarch alone would leave them hanging for a minute or more.
+    The replicas respawn on the hosts that are up, and go back home when
+    their host is up again (``_move_home``).
     """
 
     _ids = itertools.count()
@@ -115,6 +127,9 @@ class Service:
         # starts on a Monarch thread (the fault hook) must run in the caller's
         # context, or spawning a replacement finds no client to spawn from.
         self.context = contextvars.copy_context()
+        self.cluster = _cluster.current()  # where the replicas are placed
+        self._host_states: dict[str, str] = {}
+        self._unsubscribe_cluster = None
         self.events = EventStream(self.config.event_history)
         self.metrics = ServiceMetrics(self.events)
         self.router = make_router(self.config.router)
@@ -137,7 +152,7 @@ class Service:
     async def start(cls, actor_cls: type, args: tuple, kwargs: dict):
         from forge_lite.controller.service.interface import ServiceInterface
 
-        if actor_cls.with_gpus:
+        if actor_cls.with_gpus and _cluster.current().is_local:  # a cluster counts per host (Cluster.place)
             gpus = _procs.visible_gpus()
             needed = actor_cls.num_replicas * actor_cls.procs
             if gpus and needed > len(gpus):
@@ -146,9 +161,22 @@ class Service:
                     f"{actor_cls.procs} procs) but this machine has {len(gpus)}."
                 )
         service = cls(actor_cls, args, kwargs)
+        service.cluster.check(actor_cls.hosts or 1, f"{actor_cls.__name__}.options(hosts={actor_cls.hosts})")
         service.replicas = [Replica(service, i) for i in range(actor_cls.num_replicas)]
+        try:
+            for replica in service.replicas:  # one by one: each takes the least-occupied hosts left
+                replica.place()
+        except BaseException:
+            for replica in service.replicas:
+                await replica.stop()
+            raise
+        if not service.cluster.is_local:
+            service._unsubscribe_cluster = service.cluster.subscribe(service._on_host)
+            for host in service.cluster.hosts:
+                service._publish_host(host, host.state, host.reason)
         for replica in service.replicas:
-            service._publish_state(replica, None, RECOVERING, "starting")
+            where = "" if service.cluster.is_local else f" on {replica.host}"
+            service._publish_state(replica, None, RECOVERING, "starting" + where)
         results = await asyncio.gather(
             *(service._start_replica(r) for r in service.replicas), return_exceptions=True
         )
@@ -169,6 +197,8 @@ class Service:
         if self._shut_down:
             return
         self._shut_down = True
+        if self._unsubscribe_cluster is not None:
+            self._unsubscribe_cluster()
         for task in list(self._tasks):
             task.cancel()
         self._fail_waiters(ServiceShutdownError(f"service {self.name} is shut down"))
@@ -233,7 +263,7 @@ class Service:
         try:  # from here on, whatever happens, _finish gives the slot back
             self.events.publish(
                 RequestRouted(request.id, request.endpoint, replica.index, request.session, router, reason,
-                              request.attempt)
+                              request.attempt, replica.host)
             )
             result = await replica.call(request.endpoint, request.args, request.kwargs)
         except UserError as e:
@@ -368,7 +398,9 @@ class Service:
         why = (
             f"replica {old} restarted"
             if old < len(self.replicas) and self.replicas[old].accepting
-            else f"replica {old} is {self.replicas[old].state if old < len(self.replicas) else 'gone'}"
+            else f"replica {old} is {self.replicas[old].state} ({self.replicas[old].reason})"
+            if old < len(self.replicas)
+            else f"replica {old} is gone"
         )
         self.events.publish(
             SessionMoved(session, old, replica.index, f"{why}; session state on replica {replica.index} starts fresh")
@@ -428,7 +460,9 @@ class Service:
     # ------------------------------------------------------------ states and failures
 
     def _publish_state(self, replica: Replica, old, new, reason: str) -> None:
-        self.events.publish(ReplicaStateChanged(replica.index, None if old is None else str(old), str(new), reason))
+        self.events.publish(
+            ReplicaStateChanged(replica.index, None if old is None else str(old), str(new), reason, replica.host)
+        )
 
     def _set_state(self, replica: Replica, new: ReplicaState, reason: str) -> None:
         old = replica.state
@@ -482,9 +516,21 @@ class Service:
                 else:
                     reason = f"respawning after: {replica.reason}"
                 replica.breaker.close()
+                try:
+                    replica.place()  # its home if that is up, else the least-occupied hosts
+                except Exception as e:  # no host up, or no free GPU: try again after a cooldown
+                    replica.breaker.open_for(self.config.cooldown)
+                    self._set_state(replica, FAILED, f"no host to respawn on ({e}); next try in {self.config.cooldown:g} s")
+                    continue
+                if not self.cluster.is_local:
+                    reason = reason.replace("respawning", f"respawning on {replica.host}", 1)
                 self._set_state(replica, RECOVERING, reason)
                 try:
                     await replica.spawn()
+                except HostLost as e:  # its new host was lost too: straight to another
+                    await replica.stop()
+                    self._set_state(replica, FAILED, f"host lost while respawning: {e}")
+                    continue
                 except Exception as e:
                     replica.breaker.consecutive_failures += 1
                     self.last_failure = f"replica {replica.index}: respawn failed: {e}"
@@ -500,10 +546,119 @@ class Service:
                 if self._retired(replica):
                     await replica.stop()
                     return
-                self._set_state(replica, HEALTHY, f"respawned in {replica.last_spawn_s:.1f} s")
+                where = "" if self.cluster.is_local else f" on {replica.host}"
+                self._set_state(replica, HEALTHY, f"respawned in {replica.last_spawn_s:.1f} s{where}")
                 return
         finally:
             replica.recovering = False
+
+    # ------------------------------------------------------------ hosts
+
+    def _publish_host(self, host, new: str, reason: str) -> None:
+        old = self._host_states.get(host.name)
+        self._host_states[host.name] = new
+        self.events.publish(HostStateChanged(host.name, old, new, reason, host.where))
+
+    def _on_host(self, state: str, host, reason: str) -> None:
+        """The cluster's news about a host: LOST, or UP again."""
+        if self._shut_down:
+            return
+        self._publish_host(host, state, reason)
+        if state == _cluster.LOST:
+            self._host_lost(host, f"{host.label} lost: {reason}")
+        else:
+            self._host_back(host)
+
+    def _host_lost(self, host, reason: str) -> None:
+        """Fail every replica on ``host`` now, then give up their calls in flight.
+
+        In that order: a given-up call is retried at once, and must not be
+        handed to another replica on the same lost host.
+        """
+        on_host = [r for r in self.replicas if any(h is host for h in r.hosts) and r.state != STOPPED]
+        for replica in on_host:
+            self.replica_failed(replica, reason, replica.generation)
+        for replica in on_host:
+            replica.abandon(reason)  # also a respawn under way there
+
+    def _host_back(self, host) -> None:
+        """A host is up again: replicas that left it go back home."""
+        for replica in self.replicas:
+            if (replica.accepting and replica.displaced and not replica.recovering
+                    and any(h is host for h in replica.home)
+                    and all(h.state == _cluster.UP for h in replica.home)):
+                self._spawn_task(self._move_home(replica))
+
+    async def _move_home(self, replica: Replica) -> None:
+        """Move a replica back to its home hosts: out of rotation, drain, respawn there.
+
+        Its requests in flight finish where they are; new ones go to the
+        other replicas meanwhile, like during a respawn.
+        """
+        home = "+".join(h.name for h in replica.home)
+        replica.recovering = True
+        self._set_state(replica, RECOVERING, f"moving back to {home}, which is up again")
+        try:
+            while replica.in_flight > 0 and not self._retired(replica):
+                await asyncio.sleep(0.01)
+            if self._retired(replica):
+                return
+            if not all(h.state == _cluster.UP for h in replica.home):
+                replica.recovering = False
+                self._set_state(replica, HEALTHY, f"stays on {replica.host}: {home} was lost again")
+                return
+            await replica.stop()
+            replica.place()
+            await replica.spawn()
+            if self._retired(replica):
+                await replica.stop()
+                return
+        except Exception as e:  # its home was lost again, or the spawn failed
+            self.last_failure = f"replica {replica.index}: moving back to {home} failed: {e}"
+            replica.recovering = self.config.auto_respawn
+            self._set_state(replica, FAILED, f"moving back to {home} failed ({type(e).__name__}: {e})")
+            if self.config.auto_respawn:
+                self._spawn_task(self._recover(replica))
+            return
+        replica.recovering = False
+        self._set_state(replica, HEALTHY, f"back on {replica.host} in {replica.last_spawn_s:.1f} s")
+
+    async def kill_host(self, index: int, timeout: float = 30.0) -> None:
+        """SIGKILL host ``index`` of the cluster (its worker and every process
+        on it) and wait until the service notices.
+
+        Nothing tells the service about the kill: it finds out from the
+        cluster's probe, as it would for a machine that lost power (about
+        ``probe_interval + probe_timeout`` seconds). Raises ValueError on a
+        cluster of this machine alone (there is no other host to kill),
+        IndexError for no such host, TimeoutError if not noticed in ``timeout`` s.
+        """
+        self._check_open()
+        if self.cluster.is_local:
+            raise ValueError("the cluster is this machine alone: there is no host to kill "
+                             "(attach workers with forge_lite.attach_cluster)")
+        await self.cluster.kill_host(index)
+        await self.wait_for_host(index, _cluster.LOST, timeout)
+
+    async def wait_for_host(self, index: int, state: str, timeout: float = 60.0) -> None:
+        """Wait until host ``index`` of the cluster is ``state`` (UP or LOST) for this service."""
+        host = self.cluster.host(index)
+        if self._host_states.get(host.name) == state:
+            return
+        reached = self.loop.create_future()
+
+        def watch(event) -> None:
+            if (isinstance(event, HostStateChanged) and event.host == host.name
+                    and event.new == state and not reached.done()):
+                reached.set_result(None)
+
+        unsubscribe = self.events.subscribe(watch)
+        try:
+            await asyncio.wait_for(reached, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"{host.label} did not become {state} within {timeout} s; it is {host.state}") from None
+        finally:
+            unsubscribe()
 
     async def _health_loop(self) -> None:
         probe_timeout = max(5.0, 5 * self.config.health_poll_rate)

@@ -1,0 +1,378 @@
+"""A Monarch worker: what makes a machine a host of a forge_lite cluster.
+
+On each node, in the environment the kit is installed in:
+
+    python -m forge_lite.worker --address tcp://0.0.0.0:26600
+
+then, in the notebook, ``await forge_lite.attach_cluster(["tcp://NODE:26600", ...])``.
+The worker waits for a client; when its client goes away it drops that
+client's processes and waits for the next one.
+
+Monarch 0.7.0 does not implement TLS: whoever reaches this port can run code
+on this machine. Run workers only on a trusted network.
+
+``LocalHosts`` starts workers on this machine, each a host of its own (on a
+loopback port, or, as root, in its own network namespace), so one machine can
+play a cluster of several (notebook 05, the tests, the benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+READY = "forge_lite worker ready"
+DEFAULT_PORT = 26600
+
+
+def monarch_address(address: str, advertise: str | None = None) -> str:
+    """The address to serve on, as Monarch wants it.
+
+    ``tcp://0.0.0.0:PORT`` listens on every interface, but clients must be
+    told a reachable one: it becomes ``tcp://ADVERTISED:PORT@tcp://0.0.0.0:PORT``
+    (Monarch's "bind here, advertise there"). ``advertise`` defaults to this
+    machine's address on its default route.
+    """
+    if not address.startswith("tcp://"):
+        raise ValueError(f"--address {address!r}: expected tcp://HOST:PORT, e.g. tcp://0.0.0.0:{DEFAULT_PORT}")
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    if not port.isdigit() or not host:
+        raise ValueError(f"--address {address!r}: expected tcp://HOST:PORT, e.g. tcp://0.0.0.0:{DEFAULT_PORT}")
+    if host in ("0.0.0.0", "*"):
+        public = advertise or _primary_address()
+        return f"tcp://{public}:{port}@tcp://0.0.0.0:{port}"
+    return address
+
+
+def _primary_address() -> str:
+    """This machine's address on its default route (nothing is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 9))
+            return probe.getsockname()[0]
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m forge_lite.worker",
+        description="Serve this machine as a host of a forge_lite cluster (trusted networks only: no TLS).",
+    )
+    parser.add_argument("--address", default=f"tcp://0.0.0.0:{DEFAULT_PORT}",
+                        help=f"tcp://HOST:PORT to listen on (default tcp://0.0.0.0:{DEFAULT_PORT})")
+    parser.add_argument("--advertise", default=None,
+                        help="with a 0.0.0.0 address: the host name or IP clients reach this machine at")
+    args = parser.parse_args(argv)
+    serve = monarch_address(args.address, args.advertise)
+
+    # This process and every process it starts are the kit's workers, not a
+    # client: they keep Monarch's own fault handling (see runtime.py).
+    os.environ["FORGE_LITE_WORKER"] = "1"
+    import forge_lite  # noqa: F401  (Monarch's environment before monarch loads)
+    from monarch.actor import start_worker_loop_forever
+
+    from forge_lite.controller.cluster import host_facts
+
+    running = start_worker_loop_forever(ca="trust_all_connections", address=serve)
+    facts = host_facts()
+    reach = serve.split("@", 1)[0]
+    print(f"{READY}: {reach} (forge_lite {facts['forge_lite']}, torchmonarch {facts['monarch']}, "
+          f"{facts['cpus']} CPUs, {len(facts['gpus'])} GPUs). No TLS: trusted networks only.", flush=True)
+    print(f"attach with: await forge_lite.attach_cluster([\"{reach}\", ...])", flush=True)
+    running.get()
+
+
+# ---------------------------------------------------------------- on this machine
+
+
+class WorkerProcess:
+    """One worker started by this process (``start``); ``kill`` ends it like a lost machine.
+
+    ``prefix`` runs the worker under another command, e.g. ``["ip", "netns",
+    "exec", "ns1"]`` for a host with its own network stack.
+    """
+
+    def __init__(self, address: str, prefix: list[str] | None = None, log_path: str | None = None):
+        self.address = address
+        self.prefix = list(prefix or [])
+        self.log_path = log_path or tempfile.mktemp(prefix="forge_lite_worker_", suffix=".log")
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> "WorkerProcess":
+        """Start it and wait until it serves; RuntimeError (with its log) if it does not."""
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process; ``wait_ready`` waits until it serves."""
+        command = [*self.prefix, sys.executable, "-m", "forge_lite.worker", "--address", self.address]
+        log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C in the notebook is not meant for it
+        )
+        log.close()
+        _started.append(self)
+
+    def wait_ready(self, timeout: float = 60.0) -> "WorkerProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if READY in Path(self.log_path).read_text(errors="replace"):
+                return self
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        output = Path(self.log_path).read_text(errors="replace")[-2000:]
+        self.kill()
+        raise RuntimeError(f"the worker at {self.address} did not start:\n{output}")
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def children(self) -> list[int]:
+        """Pids of the processes this worker started (replicas, agents)."""
+        import psutil
+
+        if not self.alive:
+            return []
+        try:
+            return [c.pid for c in psutil.Process(self._worker_pid()).children(recursive=True)
+                    if c.status() != psutil.STATUS_ZOMBIE]
+        except psutil.NoSuchProcess:
+            return []
+
+    def _worker_pid(self) -> int:
+        # Under a prefix (`ip netns exec`) the command execs the worker, same pid.
+        return self.process.pid
+
+    def kill(self) -> None:
+        """SIGKILL the worker and every process it started: the host is gone."""
+        import psutil
+
+        if self.process is None:
+            return
+        try:
+            worker = psutil.Process(self._worker_pid())
+            victims = worker.children(recursive=True) + [worker]
+        except psutil.NoSuchProcess:
+            victims = []
+        for victim in victims:
+            try:
+                victim.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class LocalHosts:
+    """``count`` hosts on this machine, each one worker: a cluster to try things on.
+
+    Two kinds of host:
+    - loopback (anyone): workers on ports of 127.0.0.1. A frozen host (its
+      processes stopped with SIGSTOP) stands in for a cut network link.
+    - network namespaces (root, with Debian's ``iproute2``): each worker in
+      its own network namespace, joined to this one by a veth pair, so it has
+      its own address, and ``cut`` takes its link down: a real partition.
+
+    Args:
+        count: how many hosts.
+        namespaces: True for namespaces, False for loopback, None (default)
+            for namespaces where they can be made.
+
+    Example:
+        >>> hosts = LocalHosts(3, namespaces=False).start()
+        >>> cluster = await forge_lite.attach_cluster(hosts.addresses, client_address=hosts.client_address)
+        >>> hosts.kill(1)                      # host1 is gone, as if unplugged
+        >>> await forge_lite.detach_cluster(); hosts.stop()
+    """
+
+    def __init__(self, count: int = 2, namespaces: bool | None = None):
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        self.count = count
+        self.namespaces = can_make_namespaces() if namespaces is None else namespaces
+        tag = os.getpid() % 100000
+        self.subnet = f"10.{200 + os.getpid() % 50}"
+        self._ns = [f"fl{tag}h{i}" for i in range(count)]
+        self._veth = [f"flv{tag}x{i}" for i in range(count)]
+        self._made: list[str] = []  # namespaces and addresses to take down in stop()
+        self.frozen: set[int] = set()
+        self.workers: list[WorkerProcess] = []
+        if self.namespaces:
+            # This process's own address sits on the loopback interface, so
+            # cutting any host's link leaves the others able to reach it.
+            self.client_address: str | None = f"tcp://{self.subnet}.250.1:0"
+            self.mode = f"network namespaces ({count} hosts, each with its own address and link)"
+        else:
+            self.client_address = None
+            self.mode = f"loopback ({count} workers on 127.0.0.1; a frozen host stands in for a cut link)"
+
+    @property
+    def addresses(self) -> list[str]:
+        return [w.address for w in self.workers]
+
+    def start(self) -> "LocalHosts":
+        """Make the namespaces (if any) and start every worker; RuntimeError if one does not start."""
+        atexit.register(self.stop)  # even when the caller forgets, or fails half-way
+        if self.namespaces:
+            self._make_namespaces()
+        self.workers = [self._new_worker(i) for i in range(self.count)]
+        for worker in self.workers:  # all at once: each takes a second or so
+            worker.launch()
+        for worker in self.workers:
+            worker.wait_ready()
+        return self
+
+    def _make_namespaces(self) -> None:
+        _ip("addr", "add", f"{self.subnet}.250.1/32", "dev", "lo")
+        self._made.append("lo-address")
+        for i, (ns, veth) in enumerate(zip(self._ns, self._veth)):
+            peer = veth.replace("flv", "flp")
+            _ip("netns", "add", ns)
+            self._made.append(ns)
+            _ip("link", "add", veth, "type", "veth", "peer", "name", peer)
+            _ip("link", "set", peer, "netns", ns)
+            _ip("addr", "add", f"{self.subnet}.{i}.1/24", "dev", veth)
+            _ip("link", "set", veth, "up")
+            _ip("-n", ns, "addr", "add", f"{self.subnet}.{i}.2/24", "dev", peer)
+            _ip("-n", ns, "link", "set", peer, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "route", "add", "default", "via", f"{self.subnet}.{i}.1")
+
+    def _new_worker(self, i: int) -> WorkerProcess:
+        if self.namespaces:
+            return WorkerProcess(f"tcp://{self.subnet}.{i}.2:{free_port()}", prefix=["ip", "netns", "exec", self._ns[i]])
+        return WorkerProcess(f"tcp://127.0.0.1:{free_port()}")
+
+    def processes(self, i: int) -> set[int]:
+        """Every live process of host ``i`` but its worker."""
+        if self.namespaces:
+            out = subprocess.run(["ip", "netns", "pids", self._ns[i]], capture_output=True, text=True).stdout
+            return {int(p) for p in out.split() if _alive(int(p))} - {self.workers[i].pid}
+        return set(self.workers[i].children())
+
+    def kill(self, i: int) -> None:
+        """SIGKILL host ``i``'s worker and every process on it: the machine is gone."""
+        self.workers[i].kill()
+
+    def replace(self, i: int) -> WorkerProcess:
+        """A fresh worker for host ``i``, on a new port; give it to ``cluster.replace_host``."""
+        self.heal(i)
+        self.workers[i].kill()
+        self.workers[i] = self._new_worker(i).start()
+        return self.workers[i]
+
+    def cut(self, i: int) -> None:
+        """Host ``i`` stops answering: its link goes down (namespaces) or it freezes (loopback)."""
+        if self.namespaces:
+            _ip("link", "set", self._veth[i], "down")
+        else:
+            self._signal(i, signal.SIGSTOP)
+        self.frozen.add(i)
+
+    def heal(self, i: int) -> None:
+        """Undo ``cut``."""
+        if i not in self.frozen:
+            return
+        if self.namespaces:
+            _ip("link", "set", self._veth[i], "up")
+        else:
+            self._signal(i, signal.SIGCONT)
+        self.frozen.discard(i)
+
+    def _signal(self, i: int, sig: int) -> None:
+        for pid in [self.workers[i].pid, *self.workers[i].children()]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        """Kill every worker and process, take the namespaces down; safe to call twice."""
+        for i in list(self.frozen):
+            self.heal(i)
+        for worker in self.workers:
+            worker.kill()
+        for made in reversed(self._made):
+            if made == "lo-address":
+                subprocess.run(["ip", "addr", "del", f"{self.subnet}.250.1/32", "dev", "lo"], capture_output=True)
+                continue
+            out = subprocess.run(["ip", "netns", "pids", made], capture_output=True, text=True).stdout
+            for pid in out.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            subprocess.run(["ip", "netns", "del", made], capture_output=True)  # its veth pair goes with it
+        self._made = []
+
+    def __enter__(self) -> "LocalHosts":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def can_make_namespaces() -> bool:
+    """Root, ``ip`` present, and a network namespace can really be made here."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return False
+    probe = f"flprobe{os.getpid()}"
+    if subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode != 0:
+        return False
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return True
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+_started: list[WorkerProcess] = []
+
+
+@atexit.register
+def _kill_started() -> None:
+    # Workers this process started end with it: none is left behind by a
+    # notebook kernel that restarts.
+    for worker in _started:
+        if worker.alive:
+            worker.kill()
+
+
+if __name__ == "__main__":
+    main()
