@@ -36,6 +36,7 @@ import os
 from dataclasses import dataclass
 
 from forge_lite.actors.engines import Completion, SamplingConfig, make_engine
+from forge_lite.actors.weight_server import ActorWeightStore
 from forge_lite.actors.weights import WeightStore
 from forge_lite.controller import ForgeActor, runtime
 from forge_lite.controller.service_config import ServiceConfig
@@ -74,8 +75,9 @@ class Policy(ForgeActor):
     `sampling_config`: defaults for `SamplingConfig` (n, max_tokens,
     temperature, top_p, stop, seed); `generate(prompt, **overrides)` changes
     them per request.
-    `weight_store`: the run's `WeightStore`, the one its trainer pushes to;
-    without it `update_weights` raises RuntimeError.
+    `weight_store`: the run's weight store, the one its trainer pushes to: a
+    `WeightStore` (a folder, one host) or an `ActorWeightStore` (versions in a
+    `WeightServer` actor, any host); without it `update_weights` raises RuntimeError.
     `policy_version`: start from this version of `weight_store` instead of
     the model's own weights (a KeyError naming the versions held if it is
     not there).
@@ -90,7 +92,7 @@ class Policy(ForgeActor):
         self,
         engine_config: dict | None = None,
         sampling_config: dict | None = None,
-        weight_store: WeightStore | None = None,
+        weight_store: WeightStore | ActorWeightStore | None = None,
         policy_version: int | None = None,
     ):
         self.engine_config = dict(engine_config or {})
@@ -121,11 +123,12 @@ class Policy(ForgeActor):
 
         start_version = self.policy_version
         if runtime.joins_running_service() and self.weight_store is not None:
-            newest = self.weight_store.latest()
+            newest = await self.weight_store.alatest()
             if newest is not None:
                 start_version = newest
         if start_version is not None:
-            weights = self.weight_store.get(start_version)
+            # The whole state dict is here before the engine sees any of it.
+            weights = await self.weight_store.aget(start_version)
             self.engine.load_weights(weights, version=start_version)
 
     @concurrent_endpoint
@@ -152,8 +155,10 @@ class Policy(ForgeActor):
                 "`store = WeightStore()`, and pass `weight_store=store` to the Policy and "
                 "to the RLTrainer that pushes the weights"
             )
-        # Read the file first, so generation goes on meanwhile.
-        state_dict = await asyncio.to_thread(self.weight_store.get, policy_version)
+        # Fetch the whole version first (a file read or an actor message), so
+        # generation goes on meanwhile, and a transfer that fails leaves the
+        # engine on its old weights: nothing is half-loaded.
+        state_dict = await self.weight_store.aget(policy_version)
         update = _WeightUpdate(state_dict, policy_version, asyncio.get_running_loop().create_future())
         self._weight_updates.append(update)
         self._serve_soon()

@@ -46,7 +46,7 @@ The controller's calls (``batch`` is what ``replay_buffer.sample`` returns):
     inputs, targets = batch                                  # lists of 2 chunks (dp_size=2)
     losses = await trainer.train_step.call(inputs, targets)  # one loss per rank, all equal
     loss = next(iter(losses.values()))
-    await trainer.push_weights.call(policy_version=1)        # returns once the file exists
+    await trainer.push_weights.call(policy_version=1)        # returns once the version is stored
     await RLTrainer.shutdown(trainer)
 """
 
@@ -126,8 +126,9 @@ class RLTrainer(ForgeActor):
         weight_store: WeightStore | None = None,
         rendezvous_port: int | None = None,
     ):
-        """``weight_store``: the run's ``WeightStore``, where ``push_weights``
-        publishes (the Policy it feeds gets the same one); without it
+        """``weight_store``: the run's weight store, a ``WeightStore`` (a folder)
+        or an ``ActorWeightStore`` (a ``WeightServer`` actor, for several hosts),
+        where ``push_weights`` publishes (the Policy it feeds gets the same one); without it
         ``push_weights`` raises RuntimeError.
         ``rendezvous_port``: where the ranks of a data-parallel trainer meet;
         ``as_actor`` picks a free one, so leave it unset."""
@@ -293,7 +294,7 @@ class RLTrainer(ForgeActor):
         return inputs[self.rank], targets[self.rank], global_batch_size
 
     @endpoint
-    def push_weights(self, policy_version: int) -> None:
+    async def push_weights(self, policy_version: int) -> None:
         """Publish the current weights as ``policy_version`` (HF parameter names).
 
         With procs > 1, call it on every rank (``call``): the weights are the
@@ -308,7 +309,9 @@ class RLTrainer(ForgeActor):
             )
         try:
             if self.rank == 0:
-                self.weight_store.put(policy_version, self.model.state_dict())
+                # Async, as either store allows: a WeightStore writes its file in
+                # a thread; an ActorWeightStore sends one message to its server.
+                await self.weight_store.aput(policy_version, self.model.state_dict())
         finally:
             # In `finally`, so that if rank 0 fails to write, the others are
             # released and the call reports rank 0's error.

@@ -22,10 +22,16 @@ get timed until every tensor was read once):
     500 MB       1.3 s    0.05 s
 `put` is bounded by writing the file; `get` maps the file, so reading it back
 from the page cache is cheap.
+
+This store needs one filesystem under every process. Across hosts, use
+`forge_lite.actors.weight_server.ActorWeightStore`, whose versions travel as
+Monarch messages; both have the same methods, sync (`put`, `get`, `versions`,
+`latest`) and async (`aput`, `aget`, `aversions`, `alatest`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
 import re
@@ -114,6 +120,25 @@ class WeightStore:
             os.remove(self.path(version))
         except FileNotFoundError:
             pass
+
+    # Async forms, the interface the trainer and the Policy use, shared with
+    # the actor-backed store (forge_lite.actors.weight_server.ActorWeightStore).
+    # In a thread, so an actor keeps serving while a file is written or read.
+    async def aput(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
+        await asyncio.to_thread(self.put, version, state_dict)
+
+    async def aget(self, version: int) -> dict[str, torch.Tensor]:
+        return await asyncio.to_thread(self.get, version)
+
+    async def aversions(self) -> list[int]:
+        return self.versions()
+
+    async def alatest(self) -> int | None:
+        return self.latest()
+
+    async def aclose(self) -> None:
+        """``close()``, under the name the actor-backed store uses too."""
+        self.close()
 
     def __repr__(self) -> str:
         return f"WeightStore(root={self.root!r}, versions={self.versions()})"

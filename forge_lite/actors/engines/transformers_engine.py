@@ -196,6 +196,13 @@ class TransformersEngine(BatchEngine):
                 f"state dict does not match the model: unknown keys {unknown[:5]}, missing keys {missing[:5]} "
                 "(keys must be HF parameter names, as model.state_dict() gives them)"
             )
+        # Shapes too: load_state_dict copies tensor by tensor and reports a
+        # wrong shape only after copying the others, which would half-load.
+        current = self.model.state_dict()
+        wrong = [(name, tuple(t.shape), tuple(current[name].shape))
+                 for name, t in state_dict.items() if t.shape != current[name].shape]
+        if wrong:
+            raise ValueError(f"state dict shapes do not match the model (name, given, expected): {wrong[:5]}")
         self.model.load_state_dict(state_dict, strict=False)
         self.weight_version = version
         self.reset_prefix_cache()

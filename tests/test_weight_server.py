@@ -1,0 +1,229 @@
+"""The actor-backed weight store (`WeightServer` + `ActorWeightStore`) on real
+Monarch processes: versions travel as actor messages, not through a folder.
+
+- The server keeps the newest K versions; asking for a dropped one is a
+  KeyError that names the versions held.
+- The client pickles with its actor handle: an actor that receives it as an
+  argument calls the server itself.
+- A trainer pushes v1, v2, v3; a 2-replica Policy service updated to v3
+  answers as a Policy started at v3 (and not as v0); a respawned replica comes
+  back at v3. The same flow runs with the file `WeightStore`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+import pytest
+import torch
+from monarch.actor import endpoint
+from test_engines import build_tiny_qwen3, perturbed
+from test_grpo_actors import make_episodes
+
+from forge_lite.actors.engines import make_engine
+from forge_lite.actors.policy import Policy
+from forge_lite.actors.trainer import RLTrainer
+from forge_lite.actors.weight_server import ActorWeightStore, WeightServer
+from forge_lite.actors.weights import WeightStore
+from forge_lite.assets import DEFAULT_MODEL
+from forge_lite.controller import ForgeActor
+from forge_lite.rl.collate import grpo_collate
+from forge_lite.rl.loss import grpo_loss
+
+pytestmark = pytest.mark.timeout(600)
+
+GREEDY = {"n": 1, "temperature": 0.0, "max_tokens": 16}
+PROBE = "What is 12 + 30?"
+
+
+class Reader(ForgeActor):
+    """Reads from a store it is handed as an argument, inside its own process."""
+
+    @endpoint
+    async def total(self, store, version: int) -> float:
+        state_dict = await store.aget(version)
+        return float(sum(tensor.sum() for tensor in state_dict.values()))
+
+    @endpoint
+    async def missing(self, store, version: int) -> str:
+        try:
+            await store.aget(version)
+        except KeyError as error:
+            return str(error)
+        return "no error"
+
+
+@pytest.fixture(scope="module")
+async def server():
+    handle = await WeightServer.options(procs=1).as_actor(keep_last=2)
+    yield handle
+    await WeightServer.shutdown(handle)
+
+
+async def test_the_server_keeps_the_newest_versions_and_names_them_for_a_dropped_one(server):
+    store = ActorWeightStore(server)
+    for version in (1, 2, 3):
+        await store.aput(version, {"w": torch.full((4,), float(version))})
+    assert await store.aversions() == [2, 3]
+    assert await store.alatest() == 3
+    assert torch.equal((await store.aget(3))["w"], torch.full((4,), 3.0))
+    with pytest.raises(KeyError, match=r"weight version 1 .*available: \[2, 3\]"):
+        await store.aget(1)
+    # The sync methods block on the answer: for scripts, here run off the loop.
+    assert await asyncio.to_thread(store.versions) == [2, 3]
+    assert torch.equal((await asyncio.to_thread(store.get, 2))["w"], torch.full((4,), 2.0))
+
+
+async def test_an_actor_handed_the_store_calls_the_server_itself(server):
+    store = ActorWeightStore(server)
+    await store.aput(7, {"w": torch.ones(10)})
+    reader = await Reader.options(procs=1).as_actor()
+    try:
+        assert await reader.total.call_one(store, 7) == 10.0
+        message = await reader.missing.call_one(store, 1)
+        assert "weight version 1" in message and "available: [" in message
+    finally:
+        await Reader.shutdown(reader)
+
+
+async def test_keep_last_below_one_is_refused():
+    with pytest.raises(Exception, match="keep_last must be an int >= 1"):
+        await WeightServer.options(procs=1).as_actor(keep_last=0)
+
+
+def test_an_engine_refuses_a_state_dict_with_a_wrong_shape_before_copying_any(tmp_path):
+    engine = make_engine({"backend": "transformers", "model": build_tiny_qwen3(str(tmp_path))}, seed=0, device="cpu")
+    before = {name: tensor.clone() for name, tensor in engine.model.state_dict().items()}
+    bad = perturbed(before)
+    last = max(bad)  # copied late by load_state_dict: the others would be in already
+    bad[last] = torch.zeros(*bad[last].shape[:-1], bad[last].shape[-1] + 1)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        engine.load_weights(bad, version=1)
+    after = engine.model.state_dict()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    assert engine.weight_version == 0
+
+
+# ------------------------------------------------ a trainer and a Policy service
+
+
+async def train_step(trainer, seed: int) -> None:
+    torch.manual_seed(seed)
+    episodes = make_episodes([1.0, -1.0, 0.5, -0.5])
+    for episode in episodes:
+        episode.ref_logprobs = torch.zeros(len(episode.response_tokens))  # beta 0: unused
+    inputs, targets = grpo_collate(episodes, dp_size=1)
+    await trainer.train_step.call_one(inputs, targets)
+
+
+async def answer(policy) -> list[list[int]]:
+    return [completions[0].token_ids.tolist() for completions in await policy.generate.fanout(PROBE)]
+
+
+@pytest.fixture(params=["actor", "files"])
+async def run_store(request):
+    """The run's store: an ActorWeightStore (own server, keep 2) or a WeightStore (keep 2)."""
+    if request.param == "files":
+        store = WeightStore(keep_last=2)
+        yield store
+        store.close()
+        return
+    handle = await WeightServer.options(procs=1).as_actor(keep_last=2)
+    yield ActorWeightStore(handle)
+    await WeightServer.shutdown(handle)
+
+
+@pytest.mark.slow
+async def test_a_policy_service_serves_what_the_trainer_pushed(run_store):
+    trainer, policy = await asyncio.gather(
+        RLTrainer.options(procs=1).as_actor(
+            model=DEFAULT_MODEL, optimizer={"name": "AdamW", "lr": 1e-3}, training={"seq_len": 256},
+            loss=functools.partial(grpo_loss, beta=0.0), weight_store=run_store,
+        ),
+        Policy.options(num_replicas=2).as_service(
+            engine_config={"backend": "transformers"}, sampling_config=GREEDY, weight_store=run_store
+        ),
+    )
+    fresh = None
+    try:
+        before = await answer(policy)
+        for version in (1, 2, 3):
+            await train_step(trainer, seed=version)
+            await trainer.push_weights.call_one(policy_version=version)
+        assert await run_store.aversions() == [2, 3]
+
+        await policy.update_weights.fanout(3)
+        assert await policy.get_version.fanout() == [3, 3]
+        after = await answer(policy)
+        assert after[0] != before[0]  # the weights did change
+
+        # A Policy started at v3 answers exactly as the service updated to v3.
+        fresh = await Policy.options(procs=1).as_actor(
+            engine_config={"backend": "transformers"}, sampling_config=GREEDY,
+            weight_store=run_store, policy_version=3,
+        )
+        assert (await fresh.generate.call_one(PROBE))[0].token_ids.tolist() == after[0]
+
+        with pytest.raises(Exception, match=r"weight version 1 .*available: \[2, 3\]"):
+            await policy.update_weights.fanout(1)
+        assert await policy.get_version.fanout() == [3, 3]  # still serving v3
+
+        # A respawned replica loads the newest version, wherever it runs.
+        await policy.kill_replica(1)
+        await policy.wait_for_state(1, "HEALTHY", timeout=180)
+        assert await policy.get_version.fanout() == [3, 3]
+        assert await answer(policy) == after
+    finally:
+        if fresh is not None:
+            await Policy.shutdown(fresh)
+        await asyncio.gather(RLTrainer.shutdown(trainer), Policy.shutdown(policy))
+
+
+# ------------------------------------------------ choosing the store for a run
+
+
+async def test_a_run_picks_its_store_from_the_weights_setting():
+    from forge_lite.actors.weight_server import open_weight_store, weight_store_kind
+    from forge_lite.grpo.config import GRPOConfig
+
+    assert weight_store_kind("auto") == "files"  # this machine: one host
+    assert weight_store_kind("actor") == "actor"
+    with pytest.raises(ValueError, match=r"weights must be one of \['files', 'actor', 'auto'\], got 'disk'"):
+        weight_store_kind("disk")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        GRPOConfig(weights="disk")
+
+    files = await open_weight_store("auto")
+    assert isinstance(files, WeightStore)
+    await files.aclose()
+
+    store = await open_weight_store("actor")
+    assert isinstance(store, ActorWeightStore)
+    await store.aput(1, {"w": torch.zeros(2)})
+    assert await store.aversions() == [1]
+    await store.aclose()
+    await store.aclose()  # safe twice
+
+
+@pytest.mark.slow
+async def test_a_grpo_run_with_weights_actor_syncs_through_the_server(tmp_path, capsys):
+    import os
+
+    from conftest import count_children, wait_for_children
+    from test_grpo_loop import CONFIGS, FAST
+
+    from forge_lite.grpo.config import load_config
+    from forge_lite.grpo.recorder import MetricsRecorder
+    from forge_lite.grpo.run import run_grpo
+
+    before = count_children()
+    config = load_config(os.path.join(CONFIGS, "grpo_tiny.yaml"),
+                         FAST + ["weights=actor", f"output_dir={tmp_path}", "progress=false"])
+    recorder = MetricsRecorder()
+    await run_grpo(config, recorder=recorder)
+    assert "weights travel as Monarch messages through a WeightServer actor" in capsys.readouterr().out
+    assert [(v.trainer_version, v.replica_versions) for v in recorder.versions] == [
+        (1, (1,)), (2, (2,)), (3, (3,))
+    ]
+    assert await wait_for_children(before) <= before  # the server stopped with the run
