@@ -53,8 +53,14 @@ def test_notebook_runs_under_nbval(notebook):
 def test_notebook_shape(notebook):
     cells = [c for c in _cells(notebook) if c["cell_type"] == "code"]
     assert "forge_lite.doctor" in _source(cells[0]), "the first code cell runs the doctor"
-    assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in cells), "a cell tagged 'parameters'"
-    assert "shutdown" in _source(cells[-1]), "the last code cell shuts everything down"
+    params = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert params, "a cell tagged 'parameters'"
+    # Run All leaves everything running, so a learner who scrolls back finds live
+    # dashboards; under pytest (nbval) the last cell stops everything itself.
+    assert 'TEARDOWN = "PYTEST_CURRENT_TEST" in os.environ' in _source(params[0]), "no TEARDOWN parameter"
+    last = _source(cells[-1])
+    assert "shutdown" in last and "if TEARDOWN:" in last, "the last code cell shuts everything down if TEARDOWN"
+    assert "NBVAL_CHECK_OUTPUT" not in last, "the teardown cell prints differently under the tests"
     text = notebook.read_text()
     assert not MACHINE_PATH.search(text), "outputs carry an absolute path of this machine"
     assert '"widgets": {' not in text.split('"metadata"')[-1], "widget state blob in the metadata"

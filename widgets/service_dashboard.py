@@ -1,13 +1,20 @@
 """ServiceDashboard: watch a service while it works, in the notebook.
 
 Display it in a cell and it keeps updating while later cells run: replica
-cards (state, load, latency, sessions, weight version, KV-cache hit rate),
-the last routing decisions with the router's reason, a replica × time strip
-coloured by session, prompt tokens served from the KV cache, and buttons to
-kill, slow and scale replicas. It reads the service's event stream and
-nothing else (see ``service_view.py``); a redraw happens at most 10 times a
-second, from the kernel's event loop. A control whose action fails (kill on
-a service that was shut down) says so under the controls.
+cards (state, load, latency, sessions; weight version and KV-cache hits for
+a service that generates), buttons to kill, slow and scale replicas, a
+replica × time strip of every request coloured by session, the last routing
+decisions with the router's reason, and (for a service that generates)
+prompt tokens served from the KV cache. Only what the service has is shown:
+a reward or counter service gets no KV-cache panel.
+
+It reads the service's event stream and nothing else (see
+``service_view.py``). It redraws from the kernel's event loop, which also
+runs every service's controller: the cards at most 4 times a second, the
+strip (a matplotlib picture, the costly part) at most once a second and with
+at most ``max_share`` of the loop's time, and neither when nothing changed.
+A control whose action fails (kill on a service that was shut down) says so
+under the controls.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import html
 import io
+import re
 import time
 
 import ipywidgets as w
@@ -40,38 +48,70 @@ CSS = """
 .fl-big { font-size: 28px; font-weight: bold; font-family: sans-serif; }
 .fl-bar { display: inline-block; height: 12px; vertical-align: middle; }
 .fl-error { color: #c62828; font-family: sans-serif; font-size: 12px; }
+.fl-note { color: #555; font-family: sans-serif; font-size: 12px; }
 </style>
 """
 
 STATE_MARK = {"HEALTHY": "●", "OVERLOADED": "▲", "FAILED": "✖", "RECOVERING": "↻", "STOPPED": "■"}
+ROUTERS = ("round_robin", "least_loaded", "prefix")
 
 
 def _fmt(value, spec: str, missing: str = "–") -> str:
     return missing if value is None else format(value, spec)
 
 
-class ServiceDashboard(w.VBox):
-    """A live dashboard of one service (the handle ``as_service`` returned)."""
+def natural_key(text: str) -> list:
+    """Sort "s-2" before "s-10", as a person would."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
-    def __init__(self, service, rows: int = 12, redraw_interval: float = 0.1):
+
+def collapse(rows: list) -> list[tuple]:
+    """Consecutive rows that say the same thing, as one: (first row, last row, count).
+
+    A one-replica service routes every request the same way; twelve equal rows
+    would tell the learner nothing and push the strip off the screen."""
+    runs: list[list] = []
+    for row in rows:
+        key = (row.endpoint, row.replica, row.session, row.reason)
+        if runs and runs[-1][0] == key:
+            runs[-1][2] = row
+            runs[-1][3] += 1
+        else:
+            runs.append([key, row, row, 1])
+    return [(first, last, count) for _, first, last, count in runs]
+
+
+class ServiceDashboard(w.VBox):
+    """A live dashboard of one service (the handle ``as_service`` returned).
+
+    ``show_kv``: None shows the KV-cache counters once the service returns
+    completions that report them (a policy); False never shows them (a
+    notebook that has not taught the KV cache yet).
+    """
+
+    def __init__(self, service, rows: int = 6, redraw_interval: float = 0.25,
+                 show_kv: bool | None = None, max_share: float = 0.02):
         self.service = service
         controller = service.service
         self.view = ServiceView(capacity=controller.config.max_concurrent_requests)
         self.rows_shown = rows
+        self.show_kv = show_kv
         self._header = w.HTML()
         self._cards = w.HTML()
-        self._kv = w.HTML()
+        self._log_title = w.HTML("<b>Routing decisions</b> (newest first)")
         self._log = w.HTML()
+        self._kv_title = w.HTML("<b>KV cache: prompt tokens from the cache (green) and computed (grey)</b>")
+        self._kv = w.HTML()
         self._strip = w.Image(format="png", layout=w.Layout(max_width="720px"))
         self._control_error = w.HTML()  # what the last control action raised, if anything
         self._controls = self._make_controls(controller)
         super().__init__(
             [w.HTML(CSS), self._header, self._cards, self._controls, self._control_error,
-             w.HTML("<b>KV cache: prompt tokens from cache vs computed</b>"), self._kv,
-             w.HTML("<b>Routing decisions</b>"), self._log, self._strip]
+             self._strip, self._log_title, self._log]
         )
         self._throttle = Throttle(self._redraw, redraw_interval)
-        self._strip_throttle = Throttle(self._redraw_strip, 1.0)
+        self._strip_throttle = Throttle(self._redraw_strip, 1.0, max_share)
+        self._strip_drawn = None  # the view's version when the strip was last drawn
         self._unsubscribe = service.events.subscribe(self._on_event, replay=True)
         self._redraw()
         self._redraw_strip()
@@ -100,25 +140,29 @@ class ServiceDashboard(w.VBox):
     def redraws(self) -> int:
         return self._throttle.runs
 
+    @property
+    def kv_shown(self) -> bool:
+        """Whether the KV-cache counters are on screen (see ``show_kv``)."""
+        if self.show_kv is None:
+            return self.view.kv_total.prompt_tokens > 0
+        return self.show_kv
+
     # ------------------------------------------------------------ rendering
 
     def _redraw(self) -> None:
         self.view.refresh_from(self.service.metrics())
         now = time.time()
         view = self.view
-        title = html.escape(self.service.service.actor_cls.__name__)
-        status = "shut down" if view.stopped else f"router: {self.service.service.router.name}"
-        hit = view.kv_total.hit_rate
-        big = (
-            f"<span class='fl-big'>{hit:.0%}</span> of prompt tokens from the KV cache"
-            if hit is not None else ""
-        )
-        self._header.value = f"<b>{title} service</b> ({status}) &nbsp; {big}"
+        self._header.value = self._header_html()
         self._cards.value = "<div class='fl-cards'>" + "".join(
             self._card_html(c, now) for _, c in sorted(view.cards.items())
         ) + "</div>"
-        self._kv.value = self._kv_html()
         self._log.value = self._log_html()
+        if self.kv_shown:
+            self._kv.value = self._kv_html()
+            if self._kv not in self.children:  # the panel appears with the first completion
+                self.children = (*self.children, self._kv_title, self._kv)
+        self._follow_router()
         changing = [c for c in view.cards.values() if c.flashing(now) or c.failure_lingering(now)]
         if changing and not view.stopped:  # redraw when FAILED stops lingering, and after the flash
             try:
@@ -127,6 +171,25 @@ class ServiceDashboard(w.VBox):
                 loop.call_later(FLASH_S + 0.1, self._throttle)
             except RuntimeError:
                 pass
+
+    def _header_html(self) -> str:
+        view = self.view
+        title = html.escape(self.service.service.actor_cls.__name__)
+        if view.stopped:
+            status = "shut down"
+        else:
+            router = self.service.service.router.name
+            status = f"router: {html.escape(router)}"
+            last = next((r.router for r in reversed(view.rows) if r.router and r.router != "fanout"), None)
+            if last is not None and last != router:
+                # Switched since the last request: the rows below are the old router's.
+                status += f"; the rows below were routed by {html.escape(last)}"
+        hit = view.kv_total.hit_rate
+        big = (
+            f"<span class='fl-big'>{hit:.0%}</span> of prompt tokens from the KV cache"
+            if hit is not None and self.kv_shown else ""
+        )
+        return f"<b>{title} service</b> ({status}) &nbsp; {big}"
 
     def _card_html(self, c, now: float) -> str:
         flash = " fl-flash" if c.flashing(now) else ""
@@ -138,8 +201,14 @@ class ServiceDashboard(w.VBox):
             f"in flight {c.in_flight} / {c.capacity} · served {c.served}",
             f"p50 {_fmt(c.p50_ms, '.1f')} ms · sessions {c.sessions}",
         ]
-        if c.weight_version is not None or c.prompt_tokens:
-            lines.append(f"weights v{_fmt(c.weight_version, 'd')} · KV hits {_fmt(c.kv_hit_rate, '.0%')}")
+        # A service that generates: every card has a weights line, a replica
+        # that has not answered yet (just added by scale +1) too.
+        if any(card.weight_version is not None for card in self.view.cards.values()):
+            if c.weight_version is None:
+                lines.append("weights: shown after its first completion")
+            else:
+                kv = f" · KV hits {_fmt(c.kv_hit_rate, '.0%')}" if self.kv_shown else ""
+                lines.append(f"weights v{c.weight_version}{kv}")
         return (
             f"<div class='fl-replica {c.css_class(now)}{flash}' data-replica='{c.index}' "
             f"data-state='{state}'>" + "<br>".join(lines) + "</div>"
@@ -149,10 +218,12 @@ class ServiceDashboard(w.VBox):
         view = self.view
         if not view.kv_total.prompt_tokens:
             return "<i>no completions yet</i>"
-        scale = max(c.prompt_tokens for c in list(view.kv_by_replica.values()) + list(view.kv_by_session.values()))
-        rows = []
+        # The last 8 sessions to have a completion, in the order they were opened.
+        sessions = sorted(list(view.kv_by_session)[-8:], key=natural_key)
         groups = [(f"replica {i}", k) for i, k in sorted(view.kv_by_replica.items())]
-        groups += [(f"session {s}", k) for s, k in list(view.kv_by_session.items())[-8:]]
+        groups += [(f"session {s}", view.kv_by_session[s]) for s in sessions]
+        scale = max(k.prompt_tokens for _, k in groups)
+        rows = []
         for label, k in groups:
             cached_w = 300 * k.cached_tokens / scale
             computed_w = 300 * k.computed_tokens / scale
@@ -165,42 +236,48 @@ class ServiceDashboard(w.VBox):
         return "<table class='fl-log'>" + "".join(rows) + "</table>"
 
     def _log_html(self) -> str:
-        rows = list(self.view.rows)[-self.rows_shown:]
-        if not rows:
+        runs = collapse(list(self.view.rows))[-self.rows_shown:]
+        if not runs:
             return "<i>no requests yet</i>"
         start = self.view.started_at or 0.0
-        body = "".join(
-            f"<tr><td>+{r.time - start:.2f}s</td><td>{html.escape(r.endpoint)}</td>"
-            f"<td>{r.replica}</td><td>{html.escape(r.session or '')}</td>"
-            f"<td>{html.escape(r.reason)}</td></tr>"
-            for r in reversed(rows)
-        )
+        body = []
+        for first, last, count in reversed(runs):
+            when = f"+{first.time - start:.2f}s"
+            if count > 1:
+                when += f" to +{last.time - start:.2f}s"
+            times = f" (×{count})" if count > 1 else ""
+            body.append(
+                f"<tr><td>{when}</td><td>{html.escape(first.endpoint)}{times}</td>"
+                f"<td>{first.replica}</td><td>{html.escape(first.session or '')}</td>"
+                f"<td>{html.escape(first.reason)}</td></tr>"
+            )
         return ("<table class='fl-log'><tr><th>time</th><th>endpoint</th><th>replica</th>"
-                "<th>session</th><th>why</th></tr>" + body + "</table>")
+                "<th>session</th><th>why</th></tr>" + "".join(body) + "</table>")
 
     def _redraw_strip(self) -> None:
+        if self._strip_drawn == self.view.version:  # nothing new to draw
+            return
+        self._strip_drawn = self.view.version
         fig = self.strip_figure()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=72)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
         self._strip.value = buffer.getvalue()
 
     def strip_figure(self):
-        """Replica × time: each routed request a dot coloured by its session."""
+        """Replica × time: each routed request a tick coloured by its session."""
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=(8, 2.2))
         ax = fig.subplots()
         self._draw_strip(ax)
-        fig.tight_layout()
+        # Fixed margins: tight_layout would draw the figure twice.
+        fig.subplots_adjust(left=0.08, right=0.98, top=0.86, bottom=0.24)
         return fig
 
     def _draw_strip(self, ax) -> None:
         view = self.view
         start = view.started_at or 0.0
-        sessions = sorted({s for _, _, s in view.points if s})
+        sessions = sorted({s for _, _, s in view.points if s}, key=natural_key)
         palette = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
         colour = {s: palette[i % len(palette)] for i, s in enumerate(sessions)}
         if view.points:
@@ -214,7 +291,17 @@ class ServiceDashboard(w.VBox):
         ax.set_yticks(range(n))
         ax.set_ylim(-0.5, n - 0.5)
         ax.set_ylabel("replica")
-        ax.set_xlabel("seconds (grey: no session, colour: session, ✖: failure)")
+        every = "every request" if view.stride == 1 else f"one request in {view.stride}, over the whole run"
+        ax.set_title(f"Requests over time ({every}; grey: no session, colour: a session, ✖: a failure)",
+                     fontsize=9, loc="left")
+        ax.set_xlabel("seconds since the first event")
+
+    def _follow_router(self) -> None:
+        """The router dropdown shows the service's router, also after set_router() in code."""
+        name = self.service.service.router.name
+        dropdown = self._buttons["router"]
+        if name in ROUTERS and dropdown.value != name:
+            dropdown.value = name  # its observer sees the same name and does nothing
 
     # ------------------------------------------------------------ controls
 
@@ -227,18 +314,22 @@ class ServiceDashboard(w.VBox):
         slow = w.ToggleButton(description="slow (+0.5 s)", tooltip="hold its requests 0.5 s longer")
         up = w.Button(description="scale +1")
         down = w.Button(description="scale −1")
-        router = w.Dropdown(options=["round_robin", "least_loaded", "prefix"],
-                            value=controller.router.name if controller.router.name in
-                            ("round_robin", "least_loaded", "prefix") else "round_robin",
+        router = w.Dropdown(options=list(ROUTERS),
+                            value=controller.router.name if controller.router.name in ROUTERS else "round_robin",
                             description="router", layout=w.Layout(width="220px"))
         kill.on_click(lambda _: self._run("kill", lambda: self.service.kill_replica(self._replica_pick.value)))
         slow.observe(lambda ch: self._run("slow", lambda: self.service.slow_replica(
             self._replica_pick.value, 0.5 if ch["new"] else 0.0)), "value")
         up.on_click(lambda _: self._run("scale +1", lambda: self._scale(+1)))
         down.on_click(lambda _: self._run("scale −1", lambda: self._scale(-1)))
-        router.observe(lambda ch: self._run("router", lambda: self.service.set_router(ch["new"])), "value")
+        router.observe(lambda ch: self._run("router", lambda: self._set_router(ch["new"])), "value")
         self._buttons = {"kill": kill, "slow": slow, "up": up, "down": down, "router": router}
         return w.HBox([self._replica_pick, kill, slow, up, down, router])
+
+    def _set_router(self, name: str) -> None:
+        if name != self.service.service.router.name:  # not when the dropdown only follows the service
+            self.service.set_router(name)
+            self._throttle()
 
     async def _scale(self, delta: int) -> None:
         target = max(1, len(self.service.replicas) + delta)
@@ -274,29 +365,35 @@ class ServiceDashboard(w.VBox):
     # ------------------------------------------------------------ static output
 
     def snapshot(self):
-        """A matplotlib figure of the current state, for static output (nbconvert)."""
+        """A matplotlib figure of the current state, for static output (nbconvert):
+        the replicas, the strip, and the KV-cache counters if shown."""
         from matplotlib.figure import Figure
 
         view = self.view
-        fig = Figure(figsize=(9, 5))
-        top, middle, bottom = fig.subplots(3, 1, gridspec_kw={"height_ratios": [1, 1.4, 1.2]})
+        kv = self.kv_shown and bool(view.kv_by_replica)
+        fig = Figure(figsize=(9, 5 if kv else 3.4))
+        ratios = [1, 1.4, 1.2] if kv else [1, 1.4]
+        axes = fig.subplots(len(ratios), 1, gridspec_kw={"height_ratios": ratios})
+        top, middle = axes[0], axes[1]
         cards = [c for _, c in sorted(view.cards.items())]
         top.barh([f"r{c.index}" for c in cards], [1] * len(cards),
                  color=[STATE_COLOURS.get(c.state, "#999") for c in cards])
         for i, c in enumerate(cards):
             top.text(0.02, i, f"{c.state}  served {c.served}  in flight {c.in_flight}", va="center", color="white")
         top.set_xticks([])
+        top.set_xlim(0, 1)
         top.set_title(f"{self.service.service.actor_cls.__name__} replicas")
         self._draw_strip(middle)
-        replicas = sorted(view.kv_by_replica)
-        cached = [view.kv_by_replica[i].cached_tokens for i in replicas]
-        computed = [view.kv_by_replica[i].computed_tokens for i in replicas]
-        bottom.bar([f"r{i}" for i in replicas], cached, color="#2e7d32", label="from KV cache")
-        bottom.bar([f"r{i}" for i in replicas], computed, bottom=cached, color="#bdbdbd", label="computed")
-        bottom.set_ylabel("prompt tokens")
-        if replicas:
-            bottom.legend(loc="upper left", fontsize=8)
-        fig.tight_layout()
+        if kv:
+            bottom = axes[2]
+            replicas = sorted(view.kv_by_replica)
+            cached = [view.kv_by_replica[i].cached_tokens for i in replicas]
+            computed = [view.kv_by_replica[i].computed_tokens for i in replicas]
+            bottom.bar([f"r{i}" for i in replicas], cached, color="#2e7d32", label="from KV cache")
+            bottom.bar([f"r{i}" for i in replicas], computed, bottom=cached, color="#bdbdbd", label="computed")
+            bottom.set_ylabel("prompt tokens")
+            bottom.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
+        fig.tight_layout()  # once, for a static picture: the cost does not matter here
         return fig
 
     def __repr__(self) -> str:

@@ -2,7 +2,8 @@
 
 Plain Python, no widgets: what each replica card says, the recent routing
 decisions, the replica × time strip, and the KV-cache counters. The dashboard
-renders this; tests assert on it. Every collection is bounded.
+renders this; tests assert on it. Every collection is bounded; the strip
+still covers the whole life of the service (see ``ServiceView.add_point``).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class RoutingRow:
     replica: int
     session: str | None
     reason: str
+    router: str | None = None  # the router that decided; None for a retry or a moved session
 
 
 @dataclass
@@ -119,7 +121,9 @@ class ServiceView:
     max_points: int = 2000
     cards: dict[int, Card] = field(default_factory=dict)
     rows: deque = field(default_factory=deque)
-    points: deque = field(default_factory=deque)  # (time, replica, session)
+    points: list = field(default_factory=list)  # (time, replica, session): every `stride`-th request
+    stride: int = 1  # 1: the strip holds every request
+    routed: int = 0  # requests routed so far
     failures: deque = field(default_factory=deque)  # (time, replica)
     kv_by_replica: dict[int, KVCounter] = field(default_factory=dict)
     kv_by_session: dict[str, KVCounter] = field(default_factory=dict)
@@ -130,8 +134,24 @@ class ServiceView:
 
     def __post_init__(self) -> None:
         self.rows = deque(maxlen=self.max_rows)
-        self.points = deque(maxlen=self.max_points)
         self.failures = deque(maxlen=self.max_points)
+
+    def add_point(self, point: tuple) -> None:
+        """Keep a routed request for the strip, from the first to the last.
+
+        A bounded deque would keep only the last ``max_points`` requests: a
+        long run's strip would start halfway through. Instead, when the strip
+        is full, every other point goes and from then on one request in
+        twice as many is kept: the strip always spans the whole run, evenly
+        thinned (``stride`` says how much).
+        """
+        self.routed += 1
+        if (self.routed - 1) % self.stride:
+            return
+        self.points.append(point)
+        if len(self.points) > self.max_points:
+            self.points = self.points[::2]
+            self.stride *= 2
 
     def card(self, index: int) -> Card:
         if index not in self.cards:
@@ -145,8 +165,9 @@ class ServiceView:
         if isinstance(event, RequestRouted):
             card = self.card(event.replica)
             card.in_flight += 1
-            self.rows.append(RoutingRow(event.time, event.endpoint, event.replica, event.session, event.reason))
-            self.points.append((event.time, event.replica, event.session))
+            self.rows.append(RoutingRow(event.time, event.endpoint, event.replica, event.session,
+                                        event.reason, event.router))
+            self.add_point((event.time, event.replica, event.session))
         elif isinstance(event, RequestFinished):
             card = self.card(event.replica)
             card.in_flight = max(0, card.in_flight - 1)

@@ -3,9 +3,18 @@
 Events can arrive hundreds of times a second; a browser needs a few frames.
 The first call schedules the function on the running asyncio loop; calls
 until it runs are merged into that one run. No threads: the kernel's loop
-runs callbacks between (and during the awaits of) notebook cells. A redraw
-that raises is reported once (a ``CallbackWarning``) and tried again next
-time: an error there must not reach the kernel's loop, or the code that
+runs callbacks between (and during the awaits of) notebook cells.
+
+That loop is also the controller of every service the notebook started, so
+a redraw's time is taken from the work it draws. ``max_share`` bounds it:
+after a redraw that took ``d`` seconds the next one waits at least
+``d / max_share`` (a 0.2 s figure with ``max_share=0.05`` redraws at most
+every 4 s), so an expensive picture slows itself down, not the training.
+The first run is not counted: it pays once for imports and font caches.
+``flush()`` runs it now, for a last state that must not wait (a run that ended).
+
+A redraw that raises is reported once (a ``CallbackWarning``) and tried again
+next time: an error there must not reach the kernel's loop, or the code that
 published the event.
 """
 
@@ -19,11 +28,14 @@ from forge_lite.controller.service.events import CallbackErrors
 
 
 class Throttle:
-    def __init__(self, fn: Callable[[], None], interval: float = 0.1):
+    def __init__(self, fn: Callable[[], None], interval: float = 0.1, max_share: float = 1.0):
         self.fn = fn
         self.interval = interval
+        self.max_share = max_share
         self.runs = 0
-        self._last = 0.0
+        self.busy_s = 0.0  # seconds spent in fn, over all runs
+        self._gap = interval  # the wait before the next run may start
+        self._last = float("-inf")
         self._pending: asyncio.TimerHandle | None = None
         self._errors = CallbackErrors("redraw")
 
@@ -35,14 +47,24 @@ class Throttle:
         except RuntimeError:  # no loop (plain script): draw now
             self._run()
             return
-        delay = max(0.0, self._last + self.interval - time.monotonic())
+        delay = max(0.0, self._last + self._gap - time.monotonic())
         self._pending = loop.call_later(delay, self._run)
 
     def _run(self) -> None:
         self._pending = None
-        self._last = time.monotonic()
+        started = time.monotonic()
         self.runs += 1
         self._errors.call(self.fn)
+        self._last = time.monotonic()
+        took = self._last - started
+        self.busy_s += took
+        if self.runs > 1:
+            self._gap = max(self.interval, took / self.max_share)
+
+    def flush(self) -> None:
+        """Run now (a pending run is merged into this one)."""
+        self.cancel()
+        self._run()
 
     def cancel(self) -> None:
         if self._pending is not None:

@@ -10,7 +10,7 @@ hosts that share no filesystem.
 The trainer `aput`s a state dict (one message from the trainer to the server);
 each Policy replica `aget`s it (one message from the server to the replica).
 A state dict of CPU tensors pickles as its raw bytes: Monarch moved 50 MB in
-about 0.1 s on this project's 2-core machine (../shared/notes/monarch-0.7.md §6).
+about 0.1 s on this project's 2-core machine (measured with Monarch 0.7).
 
 A GRPO run picks its store with the config's ``weights`` setting through
 `open_weight_store` ("auto": this actor store when the cluster has more than
@@ -202,7 +202,8 @@ def describe_weight_store(store) -> str:
     """How weights travel through ``store``, in words, for a run's log."""
     if isinstance(store, ActorWeightStore):
         return "as Monarch messages through a WeightServer actor (weights: actor)"
-    return f"through the folder {getattr(store, 'root', '?')} (weights: files)"
+    # No path: a notebook's output must not carry this machine's folders.
+    return "as files in the run's own folder on this host (weights: files)"
 
 
 def _to_cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

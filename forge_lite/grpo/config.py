@@ -26,11 +26,16 @@ from typing import Any, Iterable
 import yaml
 
 from forge_lite.actors.trainer import TrainingConfig
+from forge_lite.actors.weight_server import WEIGHT_STORE_KINDS
+from forge_lite.controller.service.router import ROUTERS
 from forge_lite.data.rewards import REWARD_FUNCTIONS
+from forge_lite.envs.actor import ENVIRONMENTS
 from forge_lite.rl.loss import DEFAULT_BETA
 
 #: The reward functions a config can name.
 REWARD_FUNCTION_NAMES = tuple(REWARD_FUNCTIONS)
+#: The environments a config can name (``env.name``).
+ENVIRONMENT_NAMES = tuple(ENVIRONMENTS)
 
 
 @dataclass
@@ -62,6 +67,10 @@ class PolicyConfig:
     # its prompts together).
     max_concurrent_requests: int = 64
     engine: dict = field(default_factory=dict)  # more engine_config keys, e.g. max_model_len
+    # Which replica takes each request: "round_robin", "least_loaded" or
+    # "prefix" (ServiceConfig.router). Multi-turn runs with env.sessions pin
+    # each trajectory to one replica whatever the router says.
+    router: str = "round_robin"
 
 
 @dataclass
@@ -114,6 +123,31 @@ class RewardConfig:
 
 
 @dataclass
+class EnvConfig:
+    """A multi-turn environment (``forge_lite.envs``); ``name`` None is single-turn GRPO.
+
+    With a name, each rollout plays ``group_size`` trajectories of the
+    environment (``forge_lite.grpo.multiturn``): the problems, the prompts
+    and the rewards are the environment's (``data`` and ``reward`` are not
+    used for them), ``policy.max_tokens`` bounds each model turn and
+    ``response_len`` the whole trajectory after the prompt.
+    """
+
+    name: str | None = None  # "calculator" or "retry"
+    max_turns: int = 3  # model turns before the environment ends the episode
+    # Tokens after the prompt, the model's and the environment's together: every
+    # episode's response_len. A trajectory that would be longer is cut here and
+    # marked truncated.
+    response_len: int = 128
+    tool_cost: float = 0.0  # calculator: reward taken per tool call
+    # Every turn of a trajectory in one policy session, on the replica whose KV
+    # cache holds the conversation so far; false: policy.router picks each turn.
+    sessions: bool = True
+    num_replicas: int = 1  # environment service replicas
+    seed: int = 0  # the order of the environment's training problems
+
+
+@dataclass
 class GRPOConfig:
     """A whole GRPO run. ``model`` None is the shipped model."""
 
@@ -141,11 +175,23 @@ class GRPOConfig:
     # cores their threads spin-wait for cores the others hold: measured on
     # 2 cores, 1 thread per process made a step 8x faster than the default.
     threads_per_process: int | None = 1
+    # How the trainer's weights reach the policy replicas: "files" (a folder
+    # every process reads; one host), "actor" (a WeightServer actor, Monarch
+    # messages; any host) or "auto" (the actor when the cluster has more than
+    # one host, else files). See forge_lite.actors.weight_server.
+    weights: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+
+    @property
+    def response_len(self) -> int:
+        """Every episode's response length: ``policy.max_tokens`` (one turn),
+        or ``env.response_len`` (a multi-turn trajectory) with an environment."""
+        return self.policy.max_tokens if self.env.name is None else self.env.response_len
 
     def __post_init__(self) -> None:
         for name, least in (
@@ -166,6 +212,9 @@ class GRPOConfig:
             ("trainer.warmup_steps", 0),
             ("reference.kl_samples", 1),
             ("checkpoint_every", 1),
+            ("env.max_turns", 1),
+            ("env.response_len", 2),
+            ("env.num_replicas", 1),
         ):
             value = _get(self, name)
             if value is None:  # threads_per_process: torch's default; kl_samples: every response
@@ -178,6 +227,8 @@ class GRPOConfig:
                     else ""
                 )
                 raise ValueError(f"{name} must be >= {least}, got {value}{why}")
+        if self.weights not in WEIGHT_STORE_KINDS:
+            raise ValueError(f"weights must be one of {list(WEIGHT_STORE_KINDS)}, got {self.weights!r}")
         if self.reference.kl_samples is not None and self.trainer.beta:
             raise ValueError(
                 f"reference.kl_samples={self.reference.kl_samples} needs trainer.beta: 0 (it is "
@@ -188,6 +239,12 @@ class GRPOConfig:
                 f"batch_size ({self.batch_size}) must divide evenly over trainer.procs "
                 f"({self.trainer.procs}): each data-parallel process trains on an equal share"
             )
+        if self.env.name is not None and self.env.name not in ENVIRONMENT_NAMES:
+            raise ValueError(f"env.name must be one of {list(ENVIRONMENT_NAMES)} or null, got {self.env.name!r}")
+        if self.env.tool_cost < 0:
+            raise ValueError(f"env.tool_cost must be >= 0 (a reward taken per call), got {self.env.tool_cost}")
+        if self.policy.router not in ROUTERS:
+            raise ValueError(f"policy.router must be one of {sorted(ROUTERS)}, got {self.policy.router!r}")
         unknown = [f for f in self.reward.functions if f not in REWARD_FUNCTION_NAMES]
         if unknown or not self.reward.functions:
             raise ValueError(

@@ -49,6 +49,7 @@ from forge_lite.rl.collate import grpo_collate
 from forge_lite.grpo.config import GRPOConfig
 from forge_lite.rl.episode import Episode, Group
 from forge_lite.grpo.evaluation import is_correct
+from forge_lite.grpo.multiturn import rollout_env_group
 from forge_lite.rl.loss import response_kl
 from forge_lite.grpo.recorder import PHASES, MetricsRecorder
 from forge_lite.grpo.services import Services
@@ -75,10 +76,13 @@ async def timed(seconds: dict[str, float], phase: str, awaitable: Awaitable[T]) 
 
 async def rollout_loop(s: Services, config: GRPOConfig, pad_id: int, window: RolloutWindow) -> None:
     """Rollouts, one group after another, until cancelled; each waits while the
-    buffer already holds the next step's batch (see ``RolloutWindow.room``)."""
+    buffer already holds the next step's batch (see ``RolloutWindow.room``).
+    With ``config.env.name`` set, each group is a multi-turn one
+    (``forge_lite.grpo.multiturn.rollout_env_group``)."""
+    rollout = rollout_group if config.env.name is None else rollout_env_group
     while True:
         await window.room(config.batch_size)
-        await rollout_group(s, config, pad_id, window)
+        await rollout(s, config, pad_id, window)
 
 
 async def rollout_group(s: Services, config: GRPOConfig, pad_id: int, window: RolloutWindow) -> Group:
@@ -186,8 +190,10 @@ async def sync_weights(s: Services, store: WeightStore, version: int) -> None:
     replica serves the new one, and for a 1.7B model in bf16 each is 3.4 GB)."""
     await s.trainer.push_weights.call(policy_version=version)
     await s.policy.update_weights.fanout(policy_version=version)
-    for old in store.versions()[:-1]:
-        store.drop(old)
+    # An ActorWeightStore drops old versions itself (its server keeps the newest 2).
+    if isinstance(store, WeightStore):
+        for old in store.versions()[:-1]:
+            store.drop(old)
 
 
 def first(values):

@@ -7,11 +7,18 @@ From a notebook, in one call or one step per cell (``GRPORun``)::
 
 From a terminal: ``python -m forge_lite.grpo --config configs/grpo_tiny.yaml``.
 The loops themselves are in ``forge_lite.grpo.loop``.
+
+A run with ``checkpoint_every: N`` saves a checkpoint every N steps, and
+``resume=<its output_dir>`` continues it after a restart
+(``forge_lite.grpo.checkpoint`` says what a checkpoint holds)::
+
+    result = await run_grpo(resume="runs/grpo")
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
 import tempfile
@@ -20,11 +27,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from forge_lite.actors.weight_server import ActorWeightStore, describe_weight_store, open_weight_store
 from forge_lite.actors.weights import WeightStore
+from forge_lite.grpo import checkpoint
 from forge_lite.grpo.config import GRPOConfig, load_config
 from forge_lite.grpo.dataset import DatasetActor
 from forge_lite.grpo.evaluation import evaluate, load_eval_problems
 from forge_lite.grpo.loop import RolloutWindow, rollout_loop, train_loop
+from forge_lite.grpo.multiturn import heldout_success
 from forge_lite.grpo.recorder import MetricsRecorder, StepRecord
 from forge_lite.grpo.results import GRPOResult, write_outputs
 from forge_lite.grpo.services import Services, shutdown_all, start_services
@@ -41,6 +51,14 @@ class GRPORun:
     recorder:
         Where every step is recorded (a TrainingDashboard watches it); a new
         ``MetricsRecorder`` if None.
+    resume:
+        Continue the run whose checkpoints are in this directory: a run's
+        output_dir, its ``checkpoints/`` folder, or one checkpoint
+        (``forge_lite.grpo.checkpoint.find_checkpoint``). ``config`` None
+        then means the checkpoint's config; a config that changes a key
+        that cannot change mid-run (``checkpoint.FIXED_ON_RESUME``) is a
+        ValueError naming the key and both values. Without a complete
+        checkpoint in it, FileNotFoundError or ValueError, naming it.
 
     Notes
     -----
@@ -50,6 +68,11 @@ class GRPORun:
     stops every process and deletes the run's weights (also after an
     error). ``run_grpo`` does all three in one call.
 
+    Resumed, ``start()`` also restores the checkpoint (weights, optimizer,
+    lr schedule, buffer, dataset position, the recorder's steps) and
+    ``train()`` runs steps ``start_step`` to ``config.steps - 1``.
+    ``save_checkpoint()`` saves one by hand, after ``train()``.
+
     Example
     -------
     ::
@@ -58,14 +81,28 @@ class GRPORun:
         ServiceDashboard(run.services.policy)
         result = await run.train()       # GRPOResult
         await run.shutdown()
+
+        # after a restart: the same run, from its last checkpoint
+        run = await GRPORun(resume="runs/grpo").start()
     """
 
     def __init__(self, config: GRPOConfig | dict | str | None = None,
-                 recorder: MetricsRecorder | None = None) -> None:
-        self.config = as_config(config)
+                 recorder: MetricsRecorder | None = None,
+                 resume: str | os.PathLike | None = None) -> None:
+        self.resume_from: Path | None = None  # the checkpoint this run continues
+        self.start_step = 0  # the first step train() takes
+        if resume is None:
+            self.config = as_config(config)
+        else:
+            # Here, not in start(): a wrong directory or config fails before any process starts.
+            self.resume_from = checkpoint.find_checkpoint(resume)
+            self.config = checkpoint.resume_config(
+                self.resume_from, None if config is None else as_config(config)
+            )
+            self.start_step = checkpoint.read_manifest(self.resume_from)["step"]
         self.recorder = MetricsRecorder() if recorder is None else recorder
         self.services: Services | None = None
-        self.store: WeightStore | None = None
+        self.store: WeightStore | ActorWeightStore | None = None
         self.eval_problems: list[dict] = []
         self.startup_s = 0.0
         self._began = 0.0
@@ -74,15 +111,42 @@ class GRPORun:
 
     async def start(self) -> GRPORun:
         """Start every service (stopping them all again if one fails); returns self."""
-        config = self.config
-        self.output_dir = make_output_dir(config.output_dir)
+        self.output_dir = make_output_dir(self.config.output_dir)
+        # The directory made here is the run's, in its config too: the training
+        # loop saves checkpoints under it, and a resumed run writes on there.
+        self.config = config = dataclasses.replace(
+            self.config, output_dir=os.path.abspath(self.output_dir)
+        )
         self._began = time.perf_counter()
-        self.store = WeightStore()  # the run's own, handed to its trainer and policy
+        # The run's own store, handed to its trainer and policy: a folder on one
+        # host, a WeightServer actor across hosts (config.weights).
+        self.store = await open_weight_store(config.weights)
+        print(f"GRPO: weights travel {describe_weight_store(self.store)}", flush=True)
         if config.threads_per_process is not None:
             self._set_environment({"OMP_NUM_THREADS": str(config.threads_per_process)})
+        if self.resume_from is None and config.checkpoint_every:
+            earlier = checkpoint.complete_checkpoints(self.output_dir / "checkpoints")
+            if earlier:
+                print(f"GRPO: {self.output_dir} holds an earlier run's checkpoints (last: "
+                      f"{earlier[-1].name}); this run's checkpoints will replace them. To "
+                      f"continue that run instead, pass resume={str(self.output_dir)!r}", flush=True)
         try:
             print(f"GRPO: starting services (output in {self.output_dir})", flush=True)
-            self.services = await start_services(config, self.store)
+            state, policy_version = None, None
+            if self.resume_from is not None:
+                began = time.perf_counter()
+                # The policy replicas start on the checkpoint's weights, as its version.
+                state = checkpoint.load_checkpoint(self.resume_from)
+                policy_version = state["policy_version"]
+                await self.store.aput(policy_version, state["trainer"]["model"])
+                loading_s = time.perf_counter() - began
+            self.services = await start_services(config, self.store, policy_version)
+            if state is not None:
+                began = time.perf_counter()
+                await checkpoint.restore(self.services, state, self.recorder)
+                loading_s += time.perf_counter() - began
+                print(f"GRPO: resumed from {self.resume_from} at step {self.start_step} "
+                      f"(read and restored in {loading_s:.2f} s)", flush=True)
             self.startup_s = time.perf_counter() - self._began
             self.pad_id = await self.services.dataloader.pad_token.call_one()
             if self.services.eval_data is not None:
@@ -99,45 +163,107 @@ class GRPORun:
         """Greedy accuracy on the held-out problems (None when eval_samples is 0)."""
         if not self.eval_problems:
             return None
+        if self.config.env.name is not None:  # multi-turn: the environment's own held-out problems
+            return await heldout_success(self.services, self.config)
         return await evaluate(self.services.policy, self.eval_problems, self.config.policy.max_tokens)
 
-    async def train(self) -> GRPOResult:
+    async def train(self, on_interrupt: str = "return") -> GRPOResult:
         """Held-out accuracy, ``config.steps`` training steps, held-out accuracy again.
 
-        Raises RuntimeError if ``start()`` was not awaited first, and the
-        error of a rollout task that failed.
+        Interrupted while it trains (Kernel > Interrupt in a notebook cancels
+        the cell's task), it stops the rollouts, writes and returns the
+        steps taken so far (no held-out evaluation after) and says what to
+        do next: the services keep running, ``await run.train()`` continues
+        from the next step, ``await run.shutdown()`` stops everything. With
+        ``on_interrupt="raise"`` (``run_grpo``) it writes them, then raises
+        the CancelledError. Interrupted before the first step, it raises.
+
+        Raises RuntimeError if ``start()`` was not awaited first, ValueError
+        for another ``on_interrupt``, and the error of a rollout task that failed.
         """
         if self.services is None:
             raise RuntimeError("GRPORun.train(): call `await run.start()` first")
+        if on_interrupt not in ("return", "raise"):
+            raise ValueError(f"on_interrupt must be 'return' or 'raise', not {on_interrupt!r}")
         config = self.config
-        accuracy_before = await self.evaluate()
+        status = self.recorder.status
+        if self.start_step and status.heldout_before is not None:
+            accuracy_before = status.heldout_before  # continued after an interrupt: measured then
+        else:
+            self.recorder.record_status(total_steps=config.steps, state="evaluating")
+            accuracy_before = await self.evaluate()
         if accuracy_before is not None:
             print(f"GRPO: held-out greedy accuracy before training: {accuracy_before:.3f}", flush=True)
+        self.recorder.record_status(total_steps=config.steps, state="training", heldout_before=accuracy_before)
+        interrupted = False
         began = time.perf_counter()
         window = RolloutWindow()
+        window.in_buffer = await self.services.replay_buffer.numel.call_one()  # resumed: not empty
+        recorded_before = len(self.recorder.steps)
         self._rollouts = [
             asyncio.create_task(rollout_loop(self.services, config, self.pad_id, window))
             for _ in range(config.num_rollout_tasks)
         ]
-        with tqdm(total=config.steps, desc="GRPO", unit="step", dynamic_ncols=True,
-                  disable=not show_progress(config.progress)) as bar:
+        with tqdm(total=config.steps, initial=self.start_step, desc="GRPO", unit="step",
+                  dynamic_ncols=True, disable=not show_progress(config.progress)) as bar:
             unsubscribe = self.recorder.subscribe(progress_listener(bar), replay=False)
             try:
-                await train_loop(self.services, config, self.recorder, window, self._rollouts, self.store)
+                await train_loop(self.services, config, self.recorder, window, self._rollouts,
+                                 self.store, start_step=self.start_step)
+            except asyncio.CancelledError:
+                if len(self.recorder.steps) == recorded_before:  # no step taken: nothing to keep
+                    self.recorder.record_status(state="interrupted")
+                    raise
+                interrupted = True
+                asyncio.current_task().uncancel()  # handled here: later awaits run normally
             finally:
                 unsubscribe()
                 await cancel_all(self._rollouts)
         train_s = time.perf_counter() - began
-        accuracy_after = await self.evaluate()
+        if interrupted:
+            self.start_step = self.recorder.steps[-1].step + 1  # where train() would continue
+            self.recorder.record_status(state="interrupted")
+            accuracy_after = None
+        else:
+            self.recorder.record_status(state="evaluating")
+            accuracy_after = await self.evaluate()
+            self.recorder.record_status(state="finished", heldout_after=accuracy_after)
 
         result = GRPOResult(
             config=config, recorder=self.recorder, eval_accuracy_before=accuracy_before,
             eval_accuracy_after=accuracy_after, startup_s=self.startup_s, train_s=train_s,
             wall_s=time.perf_counter() - self._began, output_dir=str(self.output_dir),
+            steps_trained=len(self.recorder.steps) - recorded_before,
         )
         write_outputs(result, self.output_dir)
         print(result.summary(), flush=True)
+        if interrupted:
+            print(f"GRPO: interrupted at step {self.start_step} of {config.steps}; the result holds "
+                  f"the {len(self.recorder.steps)} steps recorded", flush=True)
+            if on_interrupt == "raise":
+                raise asyncio.CancelledError
+            print(f"The services are still running. To go on training from step {self.start_step}: "
+                  f"`result = await run.train()`. To stop every process: `await run.shutdown()`.",
+                  flush=True)
         return result
+
+    async def save_checkpoint(self) -> Path:
+        """Save a checkpoint of the run now, between ``train()`` and ``shutdown()``
+        (a run with ``checkpoint_every`` saves them by itself while it trains).
+
+        Returns its path, ``<output_dir>/checkpoints/step-NNNNNN``, where
+        NNNNNN is the number of steps taken; ``GRPORun(..., resume=<output_dir>)``
+        continues from it. Raises RuntimeError before ``start()`` or after
+        ``shutdown()``.
+        """
+        if self.services is None:
+            raise RuntimeError("GRPORun.save_checkpoint(): the run's services are not running; "
+                               "call it after `await run.start()` and before `run.shutdown()`")
+        last = self.recorder.steps[-1] if self.recorder.steps else None
+        steps_done = last.step + 1 if last else self.start_step
+        version = last.trainer_version if last else self.start_step
+        return await checkpoint.save_checkpoint(self.services, self.config, self.recorder,
+                                                steps_done, version)
 
     async def shutdown(self) -> None:
         """Stop every service and actor, delete the run's weights; safe to call twice."""
@@ -146,7 +272,7 @@ class GRPORun:
             await shutdown_all(vars(self.services).values())
             self.services = None
         if self.store is not None:
-            self.store.close()
+            await self.store.aclose()
             self.store = None
         for name, value in self._previous_environment.items():  # as before start()
             if value is None:
@@ -164,21 +290,25 @@ class GRPORun:
 
 
 async def run_grpo(
-    config: GRPOConfig | dict | str | None = None, recorder: MetricsRecorder | None = None
+    config: GRPOConfig | dict | str | None = None, recorder: MetricsRecorder | None = None,
+    resume: str | os.PathLike | None = None,
 ) -> GRPOResult:
     """Train with GRPO as ``config`` says and return the ``GRPOResult``.
 
-    Parameters are ``GRPORun``'s. Every service is stopped when it returns
-    or fails (Ctrl-C included). Raises ValueError for a config with unknown
-    or invalid settings, and whatever stopped the run.
+    Parameters are ``GRPORun``'s: ``resume=DIR`` continues the run whose
+    checkpoints are in DIR. Every service is stopped when it returns or
+    fails (Ctrl-C included). Raises ValueError for a config with unknown or
+    invalid settings, or one that cannot resume DIR's run, and whatever
+    stopped the run.
 
     Example: ``result = await run_grpo("configs/grpo_tiny.yaml")``, then
-    ``print(result.summary())``.
+    ``print(result.summary())``; after a crash, ``await run_grpo(resume=result.output_dir)``
+    (with ``checkpoint_every`` set in the config).
     """
-    run = GRPORun(config, recorder)
+    run = GRPORun(config, recorder, resume)
     try:
         await run.start()
-        result = await run.train()
+        result = await run.train(on_interrupt="raise")  # the partial result is written, then raised
     finally:
         await run.shutdown()
     return result

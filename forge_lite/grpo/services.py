@@ -24,6 +24,7 @@ from forge_lite.actors.weights import WeightStore
 from forge_lite.controller import ForgeActor
 from forge_lite.controller.service import ServiceInterface
 from forge_lite.data.rewards import REWARD_FUNCTIONS
+from forge_lite.envs.actor import EnvironmentActor
 from forge_lite.grpo.advantages import ComputeAdvantages
 from forge_lite.grpo.config import GRPOConfig
 from forge_lite.grpo.dataset import DatasetActor
@@ -43,6 +44,7 @@ class Services:
     ref_model: ServiceInterface  # ReferenceModel: forward()
     reward_actor: ServiceInterface  # RewardActor: evaluate_response()
     eval_data: ActorMesh | None = None  # DatasetActor on the held-out split
+    env: ServiceInterface | None = None  # EnvironmentActor (multi-turn runs): sample_problem(), reset(), step()
 
 
 async def start_services(
@@ -55,7 +57,7 @@ async def start_services(
     ``store`` the policy replicas start from (a resumed run's checkpoint);
     None for the model's own weights."""
     c = config
-    response_len = c.policy.max_tokens
+    response_len = c.response_len  # one turn's max_tokens, or a multi-turn trajectory's budget
     starts = {
         "dataloader": DatasetActor.options(procs=1).as_actor(
             path=c.data.path, revision=c.data.revision, data_split=c.data.train_split,
@@ -63,7 +65,7 @@ async def start_services(
         ),
         "policy": Policy.options(
             procs=1, num_replicas=c.policy.num_replicas, with_gpus=c.policy.with_gpus,
-            max_concurrent_requests=c.policy.max_concurrent_requests,
+            max_concurrent_requests=c.policy.max_concurrent_requests, router=c.policy.router,
         ).as_service(
             engine_config={"model": c.model, "backend": c.policy.backend, **c.policy.engine},
             sampling_config={
@@ -101,6 +103,11 @@ async def start_services(
             reward_functions=[REWARD_FUNCTIONS[name]() for name in c.reward.functions]
         ),
     }
+    if c.env.name is not None:
+        options = {"tool_cost": c.env.tool_cost} if c.env.name == "calculator" else {}
+        starts["env"] = EnvironmentActor.options(procs=1, num_replicas=c.env.num_replicas).as_service(
+            env=c.env.name, seed=c.env.seed, max_turns=c.env.max_turns, **options
+        )
     if c.eval_samples:
         starts["eval_data"] = DatasetActor.options(procs=1).as_actor(
             path=c.data.path, revision=c.data.revision, data_split=c.data.eval_split,

@@ -18,7 +18,10 @@ trainer finds ``req`` as ``tokens.shape[1] - response.shape[1]``.
 ``attention_mask`` marks real tokens, so the model never attends to the
 left padding (padding it attended to would change every logprob after it,
 and the trainer's logprobs would no longer match the reference model's).
-``padding_mask`` marks the response tokens the loss counts.
+``padding_mask`` marks the response tokens the loss counts: the real ones
+the model wrote (``Episode.model_mask``). In a single-turn episode that is
+every real response token; in a multi-turn one the environment's tokens are
+left out: the model reads them (``attention_mask``) but is not trained on them.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def grpo_collate(episodes: list[Episode], dp_size: int = 1) -> tuple[list[dict],
         target = {
             "response": response,
             "advantages": torch.tensor([[float(e.advantage)] for e in chunk], dtype=torch.float32),
-            "padding_mask": response_mask,
+            "padding_mask": torch.stack([e.model_mask for e in chunk]),
         }
         if with_reference:
             target["ref_logprobs"] = torch.stack([e.padded_ref_logprobs for e in chunk])

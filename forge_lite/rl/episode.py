@@ -9,6 +9,13 @@ and the response on the right.
 
 GRPO samples several responses to the same prompt and scores each against
 the group's mean reward; a Group is those episodes, made together.
+
+A multi-turn episode (``forge_lite.grpo.multiturn``) keeps the same shape:
+the request is the first prompt, the response everything after it, model
+turns and environment turns alternating. ``response_model_mask`` says which
+response tokens the model wrote; only those are trained on (``model_mask``
+is the collate's ``padding_mask``). A trajectory cut at ``response_len``
+says so in ``truncated``.
 """
 
 from __future__ import annotations
@@ -45,6 +52,13 @@ class Episode:
     # KL between the reference and the policy version that sampled the
     # response (mean over its tokens): reported, never trained on.
     behaviour_kl: float | None = None
+    # One flag per response token, True where the model wrote it; None means
+    # every response token is the model's (a single-turn episode). In a
+    # multi-turn episode the environment's tokens are False: the model did not
+    # choose them, so they get no gradient and no KL.
+    response_model_mask: Sequence[bool] | torch.Tensor | None = None
+    # The trajectory did not fit response_len and was cut there.
+    truncated: bool = False
 
     @property
     def request_tensor(self) -> torch.Tensor:
@@ -76,6 +90,32 @@ class Episode:
         """
         real = len(self._tokens("response_tokens", self.response_len))
         return torch.arange(self.response_len) < real
+
+    @property
+    def model_mask(self) -> torch.Tensor:
+        """True where ``response_tensor`` holds a token the model wrote: shape
+        ``[response_len]``, bool. The loss, its KL term and the reported KL
+        count these positions only.
+
+        ``response_mask`` itself when ``response_model_mask`` is None; else
+        ``response_model_mask`` right-padded with False. Raises ValueError
+        when ``response_model_mask`` does not have one flag per response token.
+
+        Example: response tokens ``[5, 6, 7, 8]`` of which 7 came from the
+        environment, ``response_model_mask=[True, True, False, True]``, and
+        ``response_len=6`` give ``[True, True, False, True, False, False]``.
+        """
+        real = self.response_mask
+        if self.response_model_mask is None:
+            return real
+        flags = torch.as_tensor(self.response_model_mask, dtype=torch.bool).flatten()
+        tokens = int(real.sum())
+        if len(flags) != tokens:
+            raise ValueError(
+                f"episode {self.episode_id!r}: {len(flags)} response_model_mask flags for "
+                f"{tokens} response_tokens; give one flag per response token"
+            )
+        return torch.cat([flags, flags.new_zeros(self.response_len - tokens)])
 
     @property
     def padded_ref_logprobs(self) -> torch.Tensor:

@@ -84,11 +84,21 @@ def k3_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor
     return torch.expm1(log_ratio) - log_ratio
 
 
-def response_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
+def response_kl(
+    ref_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor | None = None
+) -> float:
     """One response's KL to the reference: the mean over its tokens (``[T]``
-    each) of ``k3_kl``, in float64 for the tiny KLs of nearly equal models."""
-    every_token = torch.ones_like(logprobs, dtype=torch.bool)
-    return float(k3_kl(ref_logprobs.double(), logprobs.double(), every_token).mean())
+    each) of ``k3_kl``, in float64 for the tiny KLs of nearly equal models.
+
+    ``mask`` (``[T]`` bool): average over the True positions only, the model's
+    tokens of a multi-turn response (None: every token). NaN when it selects none.
+    """
+    if mask is None:
+        every_token = torch.ones_like(logprobs, dtype=torch.bool)
+        return float(k3_kl(ref_logprobs.double(), logprobs.double(), every_token).mean())
+    mask = mask.bool()
+    kl = k3_kl(ref_logprobs.double(), logprobs.double(), mask)
+    return float(kl.sum() / mask.sum()) if mask.any() else float("nan")
 
 
 def grpo_loss(
@@ -101,7 +111,9 @@ def grpo_loss(
     """The scalar GRPO loss of a batch; every tensor is ``[B, response_len]`` but
     ``advantages``, ``[B, 1]``.
 
-    Only positions where ``padding_mask`` is true count: the loss and its
+    Only positions where ``padding_mask`` is true count (the collate sets it
+    to the tokens the model wrote: not padding, not a multi-turn episode's
+    environment turns): the loss and its
     gradient are the same whatever ``logprobs`` and ``ref_logprobs`` hold at
     the others, inf and NaN included (the gradient there is 0).
 
