@@ -78,6 +78,7 @@ from tqdm import tqdm
 
 from forge_lite.grpo.config import GRPOConfig, load_config
 from forge_lite.grpo.recorder import MetricsRecorder
+from forge_lite.grpo.results import shown
 
 FORMAT = "forge_lite GRPO checkpoint"
 FORMAT_VERSION = 1
@@ -167,7 +168,7 @@ async def save_checkpoint(s, config: GRPOConfig, recorder: MetricsRecorder, step
     path = await asyncio.to_thread(write_checkpoint, root, steps_done, policy_version, contents)
     prune(root, KEEP_LAST)
     size = sum(read_manifest(path)["files"].values())
-    tqdm.write(f"GRPO: checkpoint {path} saved in {time.perf_counter() - began:.2f} s "
+    tqdm.write(f"GRPO: checkpoint {shown(path)} saved in {time.perf_counter() - began:.2f} s "
                f"({size / 1e6:.1f} MB)")
     return path
 

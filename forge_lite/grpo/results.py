@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,9 +87,17 @@ class GRPOResult:
                 f"{self.eval_accuracy_before:.3f} -> "
                 + ("(interrupted)" if self.eval_accuracy_after is None else f"{self.eval_accuracy_after:.3f}")
             )
-        lines.append(f"reward curve: {self.curve_path}")
+        lines.append(f"reward curve: {shown(self.curve_path)}")
         return "\n".join(lines)
 
+
+
+def shown(path) -> str:
+    """``path`` as a log line shows it: relative to the working directory
+    when it is under it (a notebook's output then names no machine's folders)."""
+    path = os.path.abspath(path)
+    here = os.getcwd()
+    return os.path.relpath(path, here) if path.startswith(here + os.sep) else path
 
 
 def write_outputs(result: GRPOResult, output_dir: Path) -> None:

@@ -36,7 +36,7 @@ from forge_lite.grpo.evaluation import evaluate, load_eval_problems
 from forge_lite.grpo.loop import RolloutWindow, rollout_loop, train_loop
 from forge_lite.grpo.multiturn import heldout_success
 from forge_lite.grpo.recorder import MetricsRecorder, StepRecord
-from forge_lite.grpo.results import GRPOResult, write_outputs
+from forge_lite.grpo.results import GRPOResult, shown, write_outputs
 from forge_lite.grpo.services import Services, shutdown_all, start_services
 
 
@@ -127,11 +127,11 @@ class GRPORun:
         if self.resume_from is None and config.checkpoint_every:
             earlier = checkpoint.complete_checkpoints(self.output_dir / "checkpoints")
             if earlier:
-                print(f"GRPO: {self.output_dir} holds an earlier run's checkpoints (last: "
+                print(f"GRPO: {shown(self.output_dir)} holds an earlier run's checkpoints (last: "
                       f"{earlier[-1].name}); this run's checkpoints will replace them. To "
-                      f"continue that run instead, pass resume={str(self.output_dir)!r}", flush=True)
+                      f"continue that run instead, pass resume={shown(self.output_dir)!r}", flush=True)
         try:
-            print(f"GRPO: starting services (output in {self.output_dir})", flush=True)
+            print(f"GRPO: starting services (output in {shown(self.output_dir)})", flush=True)
             state, policy_version = None, None
             if self.resume_from is not None:
                 began = time.perf_counter()
@@ -145,7 +145,7 @@ class GRPORun:
                 began = time.perf_counter()
                 await checkpoint.restore(self.services, state, self.recorder)
                 loading_s += time.perf_counter() - began
-                print(f"GRPO: resumed from {self.resume_from} at step {self.start_step} "
+                print(f"GRPO: resumed from {shown(self.resume_from)} at step {self.start_step} "
                       f"(read and restored in {loading_s:.2f} s)", flush=True)
             self.startup_s = time.perf_counter() - self._began
             self.pad_id = await self.services.dataloader.pad_token.call_one()
