@@ -462,16 +462,18 @@ async def test_a_failing_recorder_listener_and_redraw_do_not_stop_the_run():
             await asyncio.sleep(0.15)
         recorder.record_step(**step_values(2))
         recorder.record_versions(step=2, trainer_version=3, replica_versions=(3, 2))
-        await asyncio.sleep(0.15)
+        await asyncio.sleep(0.7)  # past the header's half-second redraw interval
 
     assert [s.step for s in recorder.steps] == [0, 1, 2] and len(recorder.versions) == 1
     assert received == recorder.steps + recorder.versions
-    assert "step 2: reward 0.500" in dash._header.value  # a later redraw worked
+    assert "last step: reward 0.500" in dash._header.value  # a later redraw worked
     assert errors == []  # nothing reached the event loop
     reports = callback_warnings(caught)
-    assert len(reports) == 2, reports
     assert any("broken_listener" in r and "ValueError" in r for r in reports)
     assert any("TrainingDashboard._redraw" in r and "TypeError" in r for r in reports)
+    # Each failing callback reported once, though the redraws failed on two steps.
+    names = [r.split(" raised")[0] for r in reports]
+    assert len(names) == len(set(names)) and len(reports) <= 3, reports
     dash.detach()
 
 
