@@ -129,8 +129,8 @@ NOT_MATCHED = [
      "forge_lite's is the mean over every response scored since the previous step (skipped groups "
      "included, some from the previous weights); TRL's is the mean over the step's 32 completions"),
     ("reference model",
-     "with beta 0 TRL loads no reference model; forge_lite's reference service still computes every "
-     "response's logprobs to report the KL, work TRL does not do"),
+     "with beta 0 TRL loads no reference model; forge_lite's reference service still scores one "
+     "response per group (reference.kl_samples: 1) to report the KL, work TRL does not do"),
     ("processes and threads",
      "forge_lite runs 7 processes besides this one, with 1 torch thread each (threads_per_process: 1); "
      "TRL runs in this one process with torch's default thread count (one per core)"),
