@@ -44,6 +44,8 @@ from forge_lite.controller.service.events import (
     RequestRetried,
 )
 from forge_lite.worker import LocalHosts
+# The same latency and throughput measures as the single-host benchmark.
+from services import percentile, throughput, timed_calls  # noqa: E402  (benchmarks/services.py)
 
 RESULTS = Path(__file__).parent / "results" / "hosts.json"
 
@@ -58,28 +60,6 @@ class Bench(ForgeActor):
         await asyncio.sleep(seconds)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-async def timed_calls(call, count: int) -> list[float]:
-    latencies = []
-    for _ in range(count):
-        start = time.perf_counter()
-        await call()
-        latencies.append(time.perf_counter() - start)
-    return latencies
-
-
-async def throughput(call, callers: int, calls_each: int) -> float:
-    async def caller():
-        for _ in range(calls_each):
-            await call()
-
-    start = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(callers)))
-    return callers * calls_each / (time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------- 1. overhead

@@ -40,14 +40,19 @@ async def start_run(store: WeightStore, lr: float):
     return trainer, policy
 
 
-async def train_and_sync(trainer, policy, version: int, seed: int) -> None:
-    """One real training step, then the tutorial's weight sync to ``version``."""
+async def train_step(trainer, seed: int) -> None:
+    """One real training step on a made-up batch (beta 0: no reference needed)."""
     torch.manual_seed(seed)
     episodes = make_episodes([1.0, -1.0, 0.5, -0.5])
     for episode in episodes:
         episode.ref_logprobs = torch.zeros(len(episode.response_tokens))  # beta 0: unused
     inputs, targets = grpo_collate(episodes, dp_size=1)
     await trainer.train_step.call_one(inputs, targets)
+
+
+async def train_and_sync(trainer, policy, version: int, seed: int) -> None:
+    """One real training step, then the tutorial's weight sync to ``version``."""
+    await train_step(trainer, seed)
     await trainer.push_weights.call_one(policy_version=version)
     await policy.update_weights.fanout(policy_version=version)
 

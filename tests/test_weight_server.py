@@ -19,7 +19,7 @@ import pytest
 import torch
 from monarch.actor import endpoint
 from test_engines import build_tiny_qwen3, perturbed
-from test_grpo_actors import make_episodes
+from test_weight_runs import train_step
 
 from forge_lite.actors.engines import make_engine
 from forge_lite.actors.policy import Policy
@@ -28,7 +28,6 @@ from forge_lite.actors.weight_server import ActorWeightStore, WeightServer
 from forge_lite.actors.weights import WeightStore
 from forge_lite.assets import DEFAULT_MODEL
 from forge_lite.controller import ForgeActor
-from forge_lite.rl.collate import grpo_collate
 from forge_lite.rl.loss import grpo_loss
 
 pytestmark = pytest.mark.timeout(600)
@@ -106,15 +105,6 @@ def test_an_engine_refuses_a_state_dict_with_a_wrong_shape_before_copying_any(tm
 
 
 # ------------------------------------------------ a trainer and a Policy service
-
-
-async def train_step(trainer, seed: int) -> None:
-    torch.manual_seed(seed)
-    episodes = make_episodes([1.0, -1.0, 0.5, -0.5])
-    for episode in episodes:
-        episode.ref_logprobs = torch.zeros(len(episode.response_tokens))  # beta 0: unused
-    inputs, targets = grpo_collate(episodes, dp_size=1)
-    await trainer.train_step.call_one(inputs, targets)
 
 
 async def answer(policy) -> list[list[int]]:
