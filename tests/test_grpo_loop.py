@@ -284,10 +284,13 @@ async def test_a_three_step_run_records_every_step_and_leaves_no_process(tmp_pat
     for s in recorder.steps:
         for name in ("reward_mean", "accuracy", "loss", "kl", "tokens_per_s", "step_time_s"):
             assert finite(getattr(s, name)), (name, getattr(s, name))
-        assert 0 <= s.accuracy <= 1 and s.kl >= 0 and s.tokens_per_s > 0
+        # tokens_per_s is 0 in a window where every rollout waited for room in the buffer
+        assert 0 <= s.accuracy <= 1 and s.kl >= 0 and s.tokens_per_s >= 0
         assert len(s.episode_ages) == 4 and all(a >= 1 for a in s.episode_ages)
         assert set(s.time_split_s) == {"generate", "reward", "reference", "train", "sync"}
         assert all(finite(v) for v in s.time_split_s.values())
+    # the first step's batch was generated in its own window
+    assert recorder.steps[0].tokens_per_s > 0
     # after each sync every replica serves the trainer's new version
     assert [(v.trainer_version, v.replica_versions) for v in recorder.versions] == [
         (1, (1,)), (2, (2,)), (3, (3,))
@@ -300,7 +303,7 @@ async def test_a_three_step_run_records_every_step_and_leaves_no_process(tmp_pat
     assert "held-out greedy accuracy (4 problems)" in result.summary()
 
     assert await wait_for_children(before) <= before
-    assert run_store_dirs() == stores_before  # the run's own store is gone
+    assert not run_store_dirs() - stores_before  # the run's own store is gone
 
 
 @pytest.mark.slow

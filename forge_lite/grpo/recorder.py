@@ -35,8 +35,11 @@ class StepRecord:
     trainer_version: int  # the policy version the trainer will publish after this step
     episode_ages: tuple[int, ...]  # trainer version minus each sampled episode's version
     buffer_size: int
+    # Response tokens the rollouts generated since the previous step, per
+    # second of that window: 0.0 when they all waited (the buffer already
+    # held this step's batch, see RolloutWindow.room).
     tokens_per_s: float
-    step_time_s: float
+    step_time_s: float  # seconds since the previous step
     time_split_s: dict = field(default_factory=dict)  # seconds per phase (PHASES)
     skipped_groups: int = 0  # groups with equal rewards left out of the buffer since the previous step
     time: float = field(default_factory=time.time)
