@@ -66,7 +66,7 @@ CELLS = [
 import forge_lite
 import ipywidgets
 from forge_lite.grpo import GRPORun, MetricsRecorder, load_config
-from widgets import ServiceDashboard, TrainingDashboard
+from forge_lite.widgets import ServiceDashboard, TrainingDashboard
 config = load_config({config!r}, {overrides!r})""",
     """recorder = MetricsRecorder()
 run = await GRPORun(config, recorder).start()""",

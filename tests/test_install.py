@@ -12,6 +12,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,33 @@ def test_transformers_qwen3_and_vllm_both_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "both" in out.stdout
+
+
+def test_the_dashboards_install_under_forge_lite_not_as_a_top_level_widgets(tmp_path):
+    # The wheel a user would install: forge_lite/widgets/, and no top-level
+    # package with a generic name beside the user's own.
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+         "--wheel-dir", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = tmp_path.glob("forge_lite-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        top_level = {name.split("/")[0] for name in archive.namelist()}
+        assert "forge_lite/widgets/service_dashboard.py" in archive.namelist()
+    assert {name for name in top_level if not name.endswith(".dist-info")} == {"forge_lite"}
+
+    # This install (editable): the same names, seen from outside the repository...
+    probe = ("import importlib.util, forge_lite.widgets as w; "
+             "print(w.ServiceDashboard.__module__, importlib.util.find_spec('widgets'))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["forge_lite.widgets.service_dashboard", "None"], out.stderr[-2000:]
+    # ...and from the notebooks' folder, where their `from widgets import` works.
+    probe = "import widgets, forge_lite.widgets as w; print(widgets.ServiceDashboard is w.ServiceDashboard)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT / "notebooks",
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
 
 
 def test_environment_yml_names_the_same_packages_as_pyproject():

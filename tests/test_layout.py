@@ -14,7 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
+    if parts[0] == "widgets":  # the repository's widgets/ installs as forge_lite.widgets
+        parts = ("forge_lite", *parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_from(node: ast.ImportFrom, path: Path) -> str:
+    """The absolute module of ``from X import ...``, relative imports resolved."""
+    if node.level == 0:
+        return node.module
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rsplit(".", 1)[0]
+    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+    return f"{base}.{node.module}" if node.module else base
 
 
 def package_of(module: str, packages: set[str]) -> str | None:
@@ -33,8 +44,9 @@ def package_graph() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                source = imported_from(node, path)
+                targets = [source] + [f"{source}.{alias.name}" for alias in node.names]
             else:
                 continue
             for target in targets:
@@ -83,9 +95,10 @@ def module_graph() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules
-                           else node.module for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                source = imported_from(node, path)
+                targets = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules
+                           else source for alias in node.names]
             else:
                 continue
             graph[me] |= {t for t in targets if t in modules and t != me}
@@ -93,7 +106,10 @@ def module_graph() -> dict[str, set[str]]:
 
 
 def test_no_import_cycle_between_modules():
-    cycle = find_cycle(module_graph())
+    graph = module_graph()
+    # relative imports count (the dashboards' own modules import each other so)
+    assert "forge_lite.widgets.throttle" in graph["forge_lite.widgets.service_dashboard"]
+    cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
 
 

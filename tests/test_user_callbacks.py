@@ -444,7 +444,7 @@ def step_values(step: int, **changes) -> dict:
 
 async def test_a_failing_recorder_listener_and_redraw_do_not_stop_the_run():
     from forge_lite.grpo.recorder import MetricsRecorder
-    from widgets import TrainingDashboard
+    from forge_lite.widgets import TrainingDashboard
 
     recorder = MetricsRecorder()
     received = []
@@ -478,7 +478,7 @@ async def test_a_failing_recorder_listener_and_redraw_do_not_stop_the_run():
 
 
 async def test_a_failing_dashboard_does_not_break_routing_and_its_buttons_show_errors():
-    from widgets import ServiceDashboard
+    from forge_lite.widgets import ServiceDashboard
 
     service = await Worker.options(num_replicas=1, max_concurrent_requests=1).as_service()
     try:

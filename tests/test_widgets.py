@@ -15,10 +15,10 @@ from monarch.actor import endpoint
 
 from forge_lite.controller.service.events import ReplicaStateChanged, RequestFinished, RequestRouted
 from forge_lite.grpo.recorder import MetricsRecorder
-from widgets import ServiceDashboard, TrainingDashboard
-from widgets.service_dashboard import collapse
-from widgets.service_view import SHOW_FAILED_S, STALE_FAILURE_S, RoutingRow, ServiceView
-from widgets.throttle import Throttle
+from forge_lite.widgets import ServiceDashboard, TrainingDashboard
+from forge_lite.widgets.service_dashboard import collapse
+from forge_lite.widgets.service_view import SHOW_FAILED_S, STALE_FAILURE_S, RoutingRow, ServiceView
+from forge_lite.widgets.throttle import Throttle
 
 
 class Echo(ForgeActor):

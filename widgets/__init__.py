@@ -1,6 +1,6 @@
 """Live Jupyter dashboards: what a service and a training run are doing."""
 
-from widgets.service_dashboard import ServiceDashboard
-from widgets.training_dashboard import TrainingDashboard
+from .service_dashboard import ServiceDashboard
+from .training_dashboard import TrainingDashboard
 
 __all__ = ["ServiceDashboard", "TrainingDashboard"]

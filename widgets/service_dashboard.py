@@ -27,8 +27,8 @@ import time
 
 import ipywidgets as w
 
-from widgets.service_view import FLASH_S, SHOW_FAILED_S, STATE_COLOURS, ServiceView
-from widgets.throttle import Throttle
+from .service_view import FLASH_S, SHOW_FAILED_S, STATE_COLOURS, ServiceView
+from .throttle import Throttle
 
 CSS = """
 <style>

@@ -30,7 +30,7 @@ import io
 import ipywidgets as w
 
 from forge_lite.grpo.recorder import PHASES, RunStatus, StepRecord, trailing_mean
-from widgets.throttle import Throttle
+from .throttle import Throttle
 
 PHASE_COLOURS = {"generate": "#1f77b4", "reward": "#ff7f0e", "reference": "#2ca02c",
                  "train": "#d62728", "sync": "#9467bd"}

@@ -43,7 +43,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 TOKEN = "browser-test"
 
 CELLS = [
-    "import forge_lite\nfrom forge_lite import ForgeActor\nfrom monarch.actor import endpoint\nfrom widgets import ServiceDashboard",
+    "import forge_lite\nfrom forge_lite import ForgeActor\nfrom monarch.actor import endpoint\nfrom forge_lite.widgets import ServiceDashboard",
     "class Echo(ForgeActor):\n    @endpoint\n    def echo(self, x: int) -> int:\n        return x",
     "svc = await Echo.options(num_replicas=2).as_service()\nfor i in range(6):\n    await svc.echo.route(i)",
     "dashboard = ServiceDashboard(svc)\ndashboard",
@@ -131,6 +131,7 @@ def lab(tmp_path_factory):
     (root / "notebooks").mkdir()
     for name in ("01_rl_fundamentals.ipynb", "02_services.ipynb", "04_grpo_end_to_end.ipynb"):
         shutil.copy(ROOT / "notebooks" / name, root / "notebooks" / name)
+    shutil.copy(ROOT / "notebooks" / "widgets.py", root / "notebooks" / "widgets.py")  # their `from widgets import`
     for linked in ("configs", "docs"):
         (root / linked).symlink_to(ROOT / linked)
     server = Lab(root)
