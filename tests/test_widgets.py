@@ -13,7 +13,12 @@ import forge_lite  # noqa: F401
 from forge_lite import ForgeActor
 from monarch.actor import endpoint
 
-from forge_lite.controller.service.events import ReplicaStateChanged, RequestFinished, RequestRouted
+from forge_lite.controller.service.events import (
+    HostStateChanged,
+    ReplicaStateChanged,
+    RequestFinished,
+    RequestRouted,
+)
 from forge_lite.grpo.recorder import MetricsRecorder
 from forge_lite.widgets import ServiceDashboard, TrainingDashboard
 from forge_lite.widgets.service_dashboard import collapse
@@ -38,6 +43,10 @@ async def test_dashboard_follows_routing_sessions_and_a_killed_replica():
         dash = ServiceDashboard(svc)
         assert [c.state for _, c in sorted(dash.view.cards.items())] == ["HEALTHY"] * 3
         assert "fl-replica-healthy" in dash._cards.value
+        # This machine alone: no host label, no groups, no host to kill.
+        assert {c.host for c in dash.view.cards.values()} == {"local"}
+        assert "fl-host" not in dash._cards.value and " on local" not in dash._cards.value
+        assert "kill host" not in dash._buttons
 
         assert [await svc.where.route() for _ in range(3)] == [0, 1, 2]
         rows = list(dash.view.rows)[-3:]
@@ -276,6 +285,7 @@ class FakeController:
         self.config = SimpleNamespace(max_concurrent_requests=4)
         self.router = SimpleNamespace(name="round_robin")
         self.replicas = [SimpleNamespace(index=i) for i in range(replicas)]
+        self.cluster = forge_lite.cluster()  # this machine alone
 
 
 class FakeService:
@@ -450,3 +460,41 @@ async def test_an_interrupted_run_keeps_its_steps_and_says_how_to_go_on(tmp_path
     finally:
         await run.shutdown()
         dash.detach()
+
+
+def test_cards_are_grouped_by_host_only_when_replicas_run_on_several():
+    def started(view, replica, host):
+        view.observe(ReplicaStateChanged(replica=replica, old=None, new="RECOVERING", reason="starting", host=host))
+        view.observe(ReplicaStateChanged(replica=replica, old="RECOVERING", new="HEALTHY", reason="up", host=host))
+
+    local = ServiceView(capacity=1)
+    for i in range(2):
+        started(local, i, "local")
+    assert not local.on_several_hosts and local.groups() == [(None, [local.cards[0], local.cards[1]])]
+
+    view = ServiceView(capacity=1)
+    for name, where in [("host0", "10.0.0.2:26600"), ("host1", "10.0.0.3:26600"), ("host10", "10.0.0.4:26600")]:
+        view.observe(HostStateChanged(host=name, old=None, new="UP", reason="attached", where=where))
+    for replica, host in [(0, "host10"), (1, "host1"), (2, "host0"), (3, "host1")]:
+        started(view, replica, host)
+    assert view.on_several_hosts
+    assert [(h, [c.index for c in cards]) for h, cards in view.groups()] == [
+        ("host0", [2]), ("host1", [1, 3]), ("host10", [0])]  # host1 before host10, as a person sorts
+    assert view.host_label("host1") == "host1 (10.0.0.3:26600)"
+
+    # host1 is lost: its replicas fail, respawn on host0; the lost host stays, empty.
+    view.observe(HostStateChanged(host="host1", old="UP", new="LOST", reason="no answer", where="10.0.0.3:26600"))
+    for replica in (1, 3):
+        view.observe(ReplicaStateChanged(replica=replica, old="HEALTHY", new="FAILED", reason="host1 lost",
+                                         host="host1"))
+    assert [(h, [c.state for c in cards]) for h, cards in view.groups()][1] == ("host1", ["FAILED", "FAILED"])
+    for replica in (1, 3):
+        view.observe(ReplicaStateChanged(replica=replica, old="RECOVERING", new="HEALTHY", reason="respawned",
+                                         host="host0"))
+    assert [(h, [c.index for c in cards]) for h, cards in view.groups()] == [
+        ("host0", [1, 2, 3]), ("host1", []), ("host10", [0])]
+    assert view.host_label("host1") == "host1 (10.0.0.3:26600) LOST"
+    # A request routed says where too (a card first seen through routing).
+    view.observe(RequestRouted(request_id=1, endpoint="e", replica=4, session=None, router="round_robin",
+                               reason="round robin → 4", host="host0+host10"))
+    assert view.cards[4].host == "host0+host10" and view.host_label("host0+host10") == "host0+host10"

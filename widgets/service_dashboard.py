@@ -2,7 +2,9 @@
 
 Display it in a cell and it keeps updating while later cells run: replica
 cards (state, load, latency, sessions; weight version and KV-cache hits for
-a service that generates), buttons to kill, slow and scale replicas, a
+a service that generates; the host on a cluster, cards grouped by host when
+the replicas run on several), buttons to kill, slow and scale replicas (and
+to kill a whole host, on a cluster of several), a
 replica × time strip of every request coloured by session, the last routing
 decisions with the router's reason, and (for a service that generates)
 prompt tokens served from the KV cache. Only what the service has is shown:
@@ -22,12 +24,11 @@ from __future__ import annotations
 import asyncio
 import html
 import io
-import re
 import time
 
 import ipywidgets as w
 
-from .service_view import FLASH_S, SHOW_FAILED_S, STATE_COLOURS, ServiceView
+from .service_view import FLASH_S, SHOW_FAILED_S, STATE_COLOURS, ServiceView, natural_key
 from .throttle import Throttle
 
 CSS = """
@@ -49,6 +50,10 @@ CSS = """
 .fl-bar { display: inline-block; height: 12px; vertical-align: middle; }
 .fl-error { color: #c62828; font-family: sans-serif; font-size: 12px; }
 .fl-note { color: #555; font-family: sans-serif; font-size: 12px; }
+.fl-host { border: 1px dashed #999; border-radius: 6px; padding: 4px 8px; margin-bottom: 6px; }
+.fl-host-title { font-family: sans-serif; font-size: 12px; font-weight: bold; margin-bottom: 4px; }
+.fl-host-lost { border-color: #c62828; } .fl-host-lost .fl-host-title { color: #c62828; }
+.fl-where { color: #555; }
 </style>
 """
 
@@ -58,11 +63,6 @@ ROUTERS = ("round_robin", "least_loaded", "prefix")
 
 def _fmt(value, spec: str, missing: str = "–") -> str:
     return missing if value is None else format(value, spec)
-
-
-def natural_key(text: str) -> list:
-    """Sort "s-2" before "s-10", as a person would."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def collapse(rows: list) -> list[tuple]:
@@ -154,9 +154,7 @@ class ServiceDashboard(w.VBox):
         now = time.time()
         view = self.view
         self._header.value = self._header_html()
-        self._cards.value = "<div class='fl-cards'>" + "".join(
-            self._card_html(c, now) for _, c in sorted(view.cards.items())
-        ) + "</div>"
+        self._cards.value = self._cards_html(now)
         self._log.value = self._log_html()
         if self.kv_shown:
             self._kv.value = self._kv_html()
@@ -191,6 +189,22 @@ class ServiceDashboard(w.VBox):
         )
         return f"<b>{title} service</b> ({status}) &nbsp; {big}"
 
+    def _cards_html(self, now: float) -> str:
+        """The cards in a row; on several hosts, a row per host under its name."""
+        groups = self.view.groups()
+        if len(groups) == 1 and groups[0][0] is None:  # one host: no grouping to show
+            return "<div class='fl-cards'>" + "".join(self._card_html(c, now) for c in groups[0][1]) + "</div>"
+        parts = []
+        for host, cards in groups:
+            info = self.view.hosts.get(host)
+            lost = " fl-host-lost" if info is not None and info.state != "UP" else ""
+            parts.append(
+                f"<div class='fl-host{lost}' data-host='{html.escape(host)}'>"
+                f"<div class='fl-host-title'>{html.escape(self.view.host_label(host))}</div>"
+                "<div class='fl-cards'>" + "".join(self._card_html(c, now) for c in cards) + "</div></div>"
+            )
+        return "".join(parts)
+
     def _card_html(self, c, now: float) -> str:
         flash = " fl-flash" if c.flashing(now) else ""
         state = c.shown_state(now)
@@ -198,6 +212,10 @@ class ServiceDashboard(w.VBox):
         lines = [
             f"<div class='fl-state'>{STATE_MARK.get(state, '')} replica {c.index}: {state}</div>",
             f"<div class='fl-reason'>{html.escape(reason)}</div>",
+        ]
+        if c.host is not None and c.host != "local":  # on a cluster, where it runs matters
+            lines.append(f"<span class='fl-where'>on {html.escape(c.host)}</span>")
+        lines += [
             f"in flight {c.in_flight} / {c.capacity} · served {c.served}",
             f"p50 {_fmt(c.p50_ms, '.1f')} ms · sessions {c.sessions}",
         ]
@@ -211,7 +229,7 @@ class ServiceDashboard(w.VBox):
                 lines.append(f"weights v{c.weight_version}{kv}")
         return (
             f"<div class='fl-replica {c.css_class(now)}{flash}' data-replica='{c.index}' "
-            f"data-state='{state}'>" + "<br>".join(lines) + "</div>"
+            f"data-state='{state}' data-host='{html.escape(c.host or '')}'>" + "<br>".join(lines) + "</div>"
         )
 
     def _kv_html(self) -> str:
@@ -324,7 +342,19 @@ class ServiceDashboard(w.VBox):
         down.on_click(lambda _: self._run("scale −1", lambda: self._scale(-1)))
         router.observe(lambda ch: self._run("router", lambda: self._set_router(ch["new"])), "value")
         self._buttons = {"kill": kill, "slow": slow, "up": up, "down": down, "router": router}
-        return w.HBox([self._replica_pick, kill, slow, up, down, router])
+        controls = [self._replica_pick, kill, slow, up, down, router]
+        # A whole host to kill only where there is another host than this one:
+        # on this machine alone it would take the notebook down with it.
+        others = [(h.name, h.index) for h in controller.cluster.hosts if not h.is_this_host]
+        if len(controller.cluster.hosts) > 1 and others:
+            self._host_pick = w.Dropdown(options=others, description="", layout=w.Layout(width="90px"))
+            kill_host = w.Button(description="kill host", button_style="danger",
+                                 tooltip="SIGKILL the host's worker and every process on it")
+            kill_host.on_click(lambda _: self._run(
+                "kill host", lambda: self.service.kill_host(self._host_pick.value)))
+            self._buttons["kill host"] = kill_host
+            controls += [self._host_pick, kill_host]
+        return w.HBox(controls)
 
     def _set_router(self, name: str) -> None:
         if name != self.service.service.router.name:  # not when the dropdown only follows the service
@@ -379,7 +409,9 @@ class ServiceDashboard(w.VBox):
         top.barh([f"r{c.index}" for c in cards], [1] * len(cards),
                  color=[STATE_COLOURS.get(c.state, "#999") for c in cards])
         for i, c in enumerate(cards):
-            top.text(0.02, i, f"{c.state}  served {c.served}  in flight {c.in_flight}", va="center", color="white")
+            where = f" on {c.host}" if c.host not in (None, "local") else ""
+            top.text(0.02, i, f"{c.state}{where}  served {c.served}  in flight {c.in_flight}", va="center",
+                     color="white")
         top.set_xticks([])
         top.set_xlim(0, 1)
         top.set_title(f"{self.service.service.actor_cls.__name__} replicas")

@@ -1,18 +1,20 @@
 """The state behind a ServiceDashboard, folded from the service's events.
 
-Plain Python, no widgets: what each replica card says, the recent routing
-decisions, the replica × time strip, and the KV-cache counters. The dashboard
-renders this; tests assert on it. Every collection is bounded; the strip
+Plain Python, no widgets: what each replica card says (and which host it
+runs on), the recent routing decisions, the replica × time strip, and the
+KV-cache counters. The dashboard renders this; tests assert on it. Every collection is bounded; the strip
 still covers the whole life of the service (see ``ServiceView.add_point``).
 """
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass, field
 
 from forge_lite.controller.service.events import (
     Event,
+    HostStateChanged,
     ReplicaStateChanged,
     RequestFinished,
     RequestRetried,
@@ -20,6 +22,11 @@ from forge_lite.controller.service.events import (
     ServiceStopped,
     SessionMoved,
 )
+
+def natural_key(text: str) -> list:
+    """Sort "s-2" before "s-10" (and "host2" before "host10"), as a person would."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
 
 STATE_COLOURS = {
     "HEALTHY": "#2e7d32",
@@ -42,6 +49,7 @@ class Card:
 
     index: int
     state: str = "RECOVERING"
+    host: str | None = None  # "local", "host1", "host0+host1"; None until placed
     reason: str = "starting"
     changed_at: float = 0.0
     failed_at: float | None = None
@@ -82,6 +90,16 @@ class Card:
 
     def flashing(self, now: float) -> bool:
         return now - self.changed_at < FLASH_S
+
+
+@dataclass
+class HostInfo:
+    """What the view knows of one host of the cluster, from HostStateChanged."""
+
+    name: str
+    state: str = "UP"
+    reason: str = ""
+    where: str = ""  # "10.0.0.3:26600"
 
 
 @dataclass
@@ -128,6 +146,7 @@ class ServiceView:
     kv_by_replica: dict[int, KVCounter] = field(default_factory=dict)
     kv_by_session: dict[str, KVCounter] = field(default_factory=dict)
     kv_total: KVCounter = field(default_factory=KVCounter)
+    hosts: dict[str, HostInfo] = field(default_factory=dict)  # the cluster's hosts, by name
     stopped: bool = False
     started_at: float | None = None  # time of the first event: the strip's zero
     version: int = 0  # bumped on every change: the renderer redraws when it moves
@@ -165,6 +184,7 @@ class ServiceView:
         if isinstance(event, RequestRouted):
             card = self.card(event.replica)
             card.in_flight += 1
+            card.host = event.host or card.host
             self.rows.append(RoutingRow(event.time, event.endpoint, event.replica, event.session,
                                         event.reason, event.router))
             self.add_point((event.time, event.replica, event.session))
@@ -177,6 +197,7 @@ class ServiceView:
         elif isinstance(event, ReplicaStateChanged):
             card = self.card(event.replica)
             card.state, card.reason, card.changed_at = event.new, event.reason, event.time
+            card.host = event.host or card.host  # a respawn may have moved it to another host
             if event.new == "FAILED":
                 card.failed_at, card.failure_drawn_at = event.time, None
                 self.failures.append((event.time, event.replica))
@@ -187,8 +208,36 @@ class ServiceView:
             )
         elif isinstance(event, SessionMoved):
             self.rows.append(RoutingRow(event.time, "(session)", event.new_replica, event.session, event.reason))
+        elif isinstance(event, HostStateChanged):
+            self.hosts[event.host] = HostInfo(event.host, event.new, event.reason, event.where)
         elif isinstance(event, ServiceStopped):
             self.stopped = True
+
+    @property
+    def on_several_hosts(self) -> bool:
+        """True when the replicas run on more than one host: then the cards are grouped."""
+        return len({c.host for c in self.cards.values() if c.host is not None}) > 1
+
+    def groups(self) -> list[tuple[str | None, list[Card]]]:
+        """The cards by host, ``[(host, cards)]``, hosts in name order ("host2"
+        before "host10"), cards by index; one group of every card (host None)
+        when the replicas run on one host. A lost host is a group of its own,
+        empty once its replicas have moved: the learner sees where they left."""
+        cards = [c for _, c in sorted(self.cards.items())]
+        if not self.on_several_hosts:
+            return [(None, cards)]
+        lost = {name for name, info in self.hosts.items() if info.state != "UP"}
+        names = sorted({c.host or "?" for c in cards} | lost, key=natural_key)
+        return [(name, [c for c in cards if (c.host or "?") == name]) for name in names]
+
+    def host_label(self, name: str) -> str:
+        """``host1 (10.0.0.3:26600)``, ``host1 (10.0.0.3:26600) LOST``, or the name
+        alone when no HostStateChanged said more (``host0+host1``: a replica over two)."""
+        info = self.hosts.get(name)
+        if info is None:
+            return name
+        label = f"{name} ({info.where})" if info.where else name
+        return label if info.state == "UP" else f"{label} {info.state}"
 
     def _count_kv(self, event: RequestFinished) -> None:
         """Count prompt tokens served from cache, from Completions (Policy.generate)."""
