@@ -39,7 +39,7 @@ from forge_lite.controller.service_config import ServiceConfig
 # be shadowed on the handle.
 RESERVED_NAMES = frozenset(n for n in dir(ActorMesh) if not n.startswith("_"))
 
-_LAYOUT_KEYS = ("procs", "hosts", "with_gpus", "num_replicas", "mesh_name")
+_LAYOUT_KEYS = ("procs", "hosts", "with_gpus", "num_replicas", "mesh_name", "on_hosts")
 
 
 def _portable_endpoint(prop: EndpointProperty) -> EndpointProperty:
@@ -101,6 +101,7 @@ class ForgeActor(Actor):
     with_gpus: bool = False
     num_replicas: int = 1
     mesh_name: str | None = None
+    on_hosts: tuple | None = None  # host names/indices of the cluster to place on; None: anywhere
     service_config: ServiceConfig = ServiceConfig()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -136,6 +137,7 @@ class ForgeActor(Actor):
         with_gpus: bool | None = None,
         num_replicas: int | None = None,
         mesh_name: str | None = None,
+        on_hosts: str | int | list | tuple | None = None,
         **service_settings: Any,
     ) -> type:
         """A subclass of ``cls`` with these deployment settings.
@@ -143,12 +145,16 @@ class ForgeActor(Actor):
         ``procs`` processes per host, ``hosts`` hosts per replica (None: 1;
         more than one needs a cluster, see ``forge_lite.attach_cluster``),
         ``num_replicas`` replicas (services), ``with_gpus`` one GPU per
-        process. Other keys are service settings (see ``ServiceConfig``),
-        e.g. ``router="least_loaded"``.
+        process. ``on_hosts`` names the cluster's hosts to place on (``"host1"``,
+        ``1``, or a list of them; None: anywhere, least-occupied first): each
+        replica goes to the least occupied of them, and a replica whose host
+        is lost runs elsewhere until it is back. Other keys are service
+        settings (see ``ServiceConfig``), e.g. ``router="least_loaded"``.
 
-        Raises ValueError for a count below 1 and TypeError for an unknown
-        key. Whether the cluster has ``hosts`` hosts is checked when the
-        actor or service starts, not here: the cluster may change.
+        Raises ValueError for a count below 1 or a malformed ``on_hosts``,
+        and TypeError for an unknown key. Whether the cluster has ``hosts`` hosts
+        (and the hosts ``on_hosts`` names) is checked when the actor or
+        service starts, not here: the cluster may change.
         """
         if not (isinstance(cls, type) and issubclass(cls, ForgeActor)):
             raise TypeError(
@@ -167,6 +173,7 @@ class ForgeActor(Actor):
             "with_gpus": cls.with_gpus if with_gpus is None else bool(with_gpus),
             "num_replicas": cls.num_replicas if num_replicas is None else num_replicas,
             "mesh_name": cls.mesh_name if mesh_name is None else mesh_name,
+            "on_hosts": cls.on_hosts if on_hosts is None else _host_names(on_hosts),
         }
         for key in ("procs", "num_replicas"):
             value = layout[key]
@@ -210,20 +217,26 @@ class ForgeActor(Actor):
         each; return the ActorMesh.
 
         Use Monarch's adverbs on the result: ``await actor.ep.call_one(...)``.
-        On a cluster the actor goes to the least-occupied hosts, and a mesh
-        over several hosts has the dimensions ``hosts`` and ``procs``.
-        Raises ValueError when ``hosts`` exceeds the cluster's hosts.
+        On a cluster the actor goes to the least-occupied hosts (of
+        ``on_hosts``, when given), and a mesh over several hosts has the
+        dimensions ``hosts`` and ``procs``. Raises ValueError when ``hosts``
+        exceeds the cluster's hosts or ``on_hosts`` names a host it lacks.
         """
         from forge_lite.controller import cluster as _cluster
 
         name = cls.mesh_name or cls.actor_class().__name__.lower()
         cluster = _cluster.current()
+        prefer = None  # the hosts on_hosts chooses: validated before anything starts
+        if cls.on_hosts is not None:
+            prefer = cluster.choose_among(cls.on_hosts, cls.hosts or 1,
+                                          f"{cls.__name__}.options(on_hosts={list(cls.on_hosts)})")
         if cluster.is_local:
             cluster.check(cls.hosts or 1, f"{cls.__name__}.options(hosts={cls.hosts})")
             gpus = _procs.reserve_gpus(cls.procs, f"{cls.__name__}") if cls.with_gpus else None
             processes = await _procs.spawn_processes(cls.procs, name, gpus)
         else:
-            placement = cluster.place(cls.hosts or 1, cls.procs, cls.with_gpus, f"{cls.__name__}.options(hosts={cls.hosts})")
+            placement = cluster.place(cls.hosts or 1, cls.procs, cls.with_gpus,
+                                      f"{cls.__name__}.options(hosts={cls.hosts})", prefer=prefer)
             processes = await _procs.spawn_processes(cls.procs, name, placement=placement)
         mesh = await spawn_actor_mesh(cls, processes, name, args, kwargs)
         _handles[id(mesh)] = (mesh, processes)
@@ -245,6 +258,24 @@ class ForgeActor(Actor):
         entry = _handles.pop(id(handle), None)
         if entry is not None:
             await _procs.stop_processes(entry[1])
+
+
+def _host_names(on_hosts) -> tuple:
+    """``on_hosts`` as a tuple of host names and indices; ValueError otherwise."""
+    names = (on_hosts,) if isinstance(on_hosts, (str, int)) else on_hosts
+    if not isinstance(names, (list, tuple)) or not names or any(
+        isinstance(n, bool) or not isinstance(n, (str, int)) or (isinstance(n, int) and n < 0) for n in names
+    ):
+        raise ValueError(f"on_hosts must be a host name ('host1'), an index >= 0, or a non-empty list of them; "
+                         f"got {on_hosts!r}")
+    return tuple(names)
+
+
+def processes_of(handle: Any) -> _procs.Processes | None:
+    """The processes ``as_actor`` started for ``handle`` (their pids, and on
+    a cluster their ``placement``); None for a mesh it did not start."""
+    entry = _handles.get(id(handle))
+    return entry[1] if entry else None
 
 
 # id(ActorMesh) -> (ActorMesh, Processes). The mesh is kept alive with its

@@ -287,6 +287,36 @@ class Cluster:
     def up_hosts(self) -> list[Host]:
         return [h for h in self.hosts if h.state == UP]
 
+    def choose_among(self, names: Sequence[str | int], count: int, what: str) -> list[Host]:
+        """``count`` of the hosts ``names`` names, for ``options(on_hosts=...)``:
+        those up first, then the least occupied, lowest index first.
+
+        ``names`` are host names (``"host1"``) or indices (``1``). Raises
+        ValueError, naming the hosts the cluster has, for a host it does not
+        have, or when fewer than ``count`` distinct hosts are named.
+        """
+        named: list[Host] = []
+        for name in names:
+            host = next((h for h in self.hosts if name == h.name or name == h.index), None)
+            if host is None:
+                alone = " (this machine alone: attach a cluster first)" if self.is_local else ""
+                raise ValueError(
+                    f"{what}: no host {name!r} in the cluster; it has "
+                    f"{', '.join(f'{h.index}={h.name}' for h in self.hosts)}{alone}"
+                )
+            if host not in named:
+                named.append(host)
+        if len(named) < count:
+            raise ValueError(f"{what} needs {count} host(s) per replica but on_hosts names "
+                             f"{len(named)} ({', '.join(h.name for h in named)})")
+        chosen = sorted(named, key=lambda h: (h.state != UP, h.placed, h.index))[:count]
+        first = min(h.index for h in chosen)
+        if self.kind == "job" and sorted(h.index for h in chosen) != list(range(first, first + count)):
+            # A job's replica over several hosts is a slice of its HostMesh (see _mesh_for).
+            raise ValueError(f"{what}: on a job's cluster a replica over {count} hosts needs neighbouring "
+                             f"hosts; on_hosts gives {', '.join(h.name for h in chosen)}")
+        return chosen
+
     def table(self) -> str:
         """One line per host: name, where, state, CPUs, GPUs, what is placed there."""
         lines = [f"{'host':<7} {'where':<24} {'state':<5} {'cpus':>4} {'gpus':>4} {'placed':>6}  reason"]

@@ -36,6 +36,8 @@ from forge_lite.rl.loss import DEFAULT_BETA
 REWARD_FUNCTION_NAMES = tuple(REWARD_FUNCTIONS)
 #: The environments a config can name (``env.name``).
 ENVIRONMENT_NAMES = tuple(ENVIRONMENTS)
+#: The components a config's ``placement`` section can put on named hosts.
+PLACED_COMPONENTS = ("policy", "reference", "reward", "trainer")
 
 
 @dataclass
@@ -148,6 +150,34 @@ class EnvConfig:
 
 
 @dataclass
+class PlacementConfig:
+    """Which hosts of the attached cluster (``forge_lite.attach_cluster``) run
+    each component: a host name (``host1``), an index (``1``), or a list of
+    them. null, the default, lets the kit spread the component over the
+    cluster, least-occupied host first (on one machine there is nothing to
+    choose). A service's replicas go to the least occupied of its hosts, and a
+    replica whose host is lost runs elsewhere until the host is back
+    (``options(on_hosts=...)``). The names are checked against the cluster
+    when the run starts, before any process does.
+
+    The components not listed here (the dataset, the replay buffer, the
+    advantages, the weight server of ``weights: actor``) are spread by the kit.
+    """
+
+    policy: str | int | list | None = None
+    reference: str | int | list | None = None
+    reward: str | int | list | None = None
+    trainer: str | int | list | None = None
+
+    def hosts(self, component: str) -> tuple | None:
+        """The hosts named for ``component`` as a tuple (None: the kit spreads it)."""
+        names = getattr(self, component)
+        if names is None:
+            return None
+        return tuple(names) if isinstance(names, list) else (names,)
+
+
+@dataclass
 class GRPOConfig:
     """A whole GRPO run. ``model`` None is the shipped model."""
 
@@ -186,6 +216,7 @@ class GRPOConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
 
     @property
     def response_len(self) -> int:
@@ -245,6 +276,13 @@ class GRPOConfig:
             raise ValueError(f"env.tool_cost must be >= 0 (a reward taken per call), got {self.env.tool_cost}")
         if self.policy.router not in ROUTERS:
             raise ValueError(f"policy.router must be one of {sorted(ROUTERS)}, got {self.policy.router!r}")
+        for component in PLACED_COMPONENTS:
+            names = self.placement.hosts(component)
+            if names is not None and (not names or any(
+                    isinstance(n, bool) or not isinstance(n, (str, int)) or isinstance(n, int) and n < 0
+                    for n in names)):
+                raise ValueError(f"placement.{component} must be a host name (host1), an index >= 0, "
+                                 f"or a non-empty list of them; got {getattr(self.placement, component)!r}")
         unknown = [f for f in self.reward.functions if f not in REWARD_FUNCTION_NAMES]
         if unknown or not self.reward.functions:
             raise ValueError(
@@ -265,16 +303,42 @@ def load_config(
     path: str | Path | None = None, overrides: Iterable[str] = ()
 ) -> GRPOConfig:
     """The config in the YAML file ``path`` (defaults if None), with ``overrides``
-    such as ``["trainer.lr=1e-4", "steps=5"]`` applied on top."""
-    values: dict = {}
-    if path is not None:
-        text = Path(path).read_text()
-        values = yaml.safe_load(text) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: a GRPO config is a mapping of keys to values, got {type(values).__name__}")
+    such as ``["trainer.lr=1e-4", "steps=5"]`` applied on top.
+
+    A file may start from another: ``base: grpo_tiny.yaml`` (a path relative
+    to the file) reads that one first, and this file's keys replace its keys,
+    section by section. Raises ValueError for a file that is not a mapping or
+    a ``base`` chain that loops, FileNotFoundError for a missing file."""
+    values = _read_yaml(Path(path)) if path is not None else {}
     for override in overrides:
         apply_override(values, override)
     return GRPOConfig.from_dict(values)
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """The values of one config file, on top of its ``base`` file's, if any."""
+    if path.resolve() in seen:
+        raise ValueError(f"{path}: its base chain loops ({' -> '.join(map(str, seen))})")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a GRPO config is a mapping of keys to values, got {type(values).__name__}")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ValueError(f"{path}: base must be the path of another config file, got {base!r}")
+    return _merged(_read_yaml(path.parent / base, (*seen, path.resolve())), values)
+
+
+def _merged(base: dict, top: dict) -> dict:
+    """``base`` with ``top``'s keys replacing its own; sections merge key by key."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def apply_override(values: dict, override: str) -> None:

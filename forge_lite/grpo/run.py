@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from forge_lite.actors.weight_server import ActorWeightStore, describe_weight_store, open_weight_store
 from forge_lite.actors.weights import WeightStore
+from forge_lite.controller.cluster import current as current_cluster
 from forge_lite.grpo import checkpoint
 from forge_lite.grpo.config import GRPOConfig, load_config
 from forge_lite.grpo.dataset import DatasetActor
@@ -37,7 +38,7 @@ from forge_lite.grpo.loop import RolloutWindow, rollout_loop, train_loop
 from forge_lite.grpo.multiturn import heldout_success
 from forge_lite.grpo.recorder import MetricsRecorder, StepRecord
 from forge_lite.grpo.results import GRPOResult, shown, write_outputs
-from forge_lite.grpo.services import Services, shutdown_all, start_services
+from forge_lite.grpo.services import Services, check_placement, shutdown_all, start_services
 
 
 class GRPORun:
@@ -118,6 +119,7 @@ class GRPORun:
             self.config, output_dir=os.path.abspath(self.output_dir)
         )
         self._began = time.perf_counter()
+        check_placement(config)  # a host the cluster lacks: an error before any process starts
         # The run's own store, handed to its trainer and policy: a folder on one
         # host, a WeightServer actor across hosts (config.weights).
         self.store = await open_weight_store(config.weights)
@@ -154,6 +156,10 @@ class GRPORun:
                 await DatasetActor.shutdown(self.services.eval_data)
                 self.services.eval_data = None
             print(f"GRPO: services ready in {self.startup_s:.0f} s", flush=True)
+            if not current_cluster().is_local:
+                where = self.services.hosts()
+                print("GRPO: placed " + "; ".join(f"{name} on {', '.join(where[name])}" for name in (
+                    "policy", "ref_model", "reward_actor", "trainer")), flush=True)
         except BaseException:
             await self.shutdown()
             raise

@@ -22,11 +22,13 @@ from forge_lite.actors.replay_buffer import ReplayBuffer
 from forge_lite.actors.trainer import RLTrainer
 from forge_lite.actors.weights import WeightStore
 from forge_lite.controller import ForgeActor
+from forge_lite.controller.actor import processes_of
+from forge_lite.controller.cluster import current as current_cluster
 from forge_lite.controller.service import ServiceInterface
 from forge_lite.data.rewards import REWARD_FUNCTIONS
 from forge_lite.envs.actor import EnvironmentActor
 from forge_lite.grpo.advantages import ComputeAdvantages
-from forge_lite.grpo.config import GRPOConfig
+from forge_lite.grpo.config import PLACED_COMPONENTS, GRPOConfig
 from forge_lite.grpo.dataset import DatasetActor
 from forge_lite.rl.loss import grpo_loss
 from forge_lite.grpo.reward_actor import RewardActor
@@ -45,6 +47,32 @@ class Services:
     reward_actor: ServiceInterface  # RewardActor: evaluate_response()
     eval_data: ActorMesh | None = None  # DatasetActor on the held-out split
     env: ServiceInterface | None = None  # EnvironmentActor (multi-turn runs): sample_problem(), reset(), step()
+
+    def hosts(self) -> dict[str, list[str]]:
+        """Where each running component is: ``{"policy": ["host1", "host1"],
+        "trainer": ["host0"], ...}``, one host name per replica of a service
+        (its current host: a replica whose host was lost runs elsewhere) and
+        the host(s) of an actor; ``"local"`` on this machine alone."""
+        where = {}
+        for name, handle in vars(self).items():
+            if handle is None:
+                continue
+            if isinstance(handle, ServiceInterface):
+                where[name] = [replica.host for replica in handle.replicas]
+            else:
+                placement = getattr(processes_of(handle), "placement", None)
+                where[name] = [placement.name if placement is not None else "local"]
+        return where
+
+
+def check_placement(config: GRPOConfig) -> None:
+    """Raise ValueError, naming the cluster's hosts, if ``config.placement``
+    names a host the current cluster does not have: before anything starts."""
+    cluster = current_cluster()
+    for component in PLACED_COMPONENTS:
+        names = config.placement.hosts(component)
+        if names is not None:
+            cluster.choose_among(names, 1, f"placement.{component}")
 
 
 async def start_services(
@@ -66,6 +94,7 @@ async def start_services(
         "policy": Policy.options(
             procs=1, num_replicas=c.policy.num_replicas, with_gpus=c.policy.with_gpus,
             max_concurrent_requests=c.policy.max_concurrent_requests, router=c.policy.router,
+            on_hosts=c.placement.hosts("policy"),
         ).as_service(
             engine_config={"model": c.model, "backend": c.policy.backend, **c.policy.engine},
             sampling_config={
@@ -75,7 +104,9 @@ async def start_services(
             weight_store=store,
             policy_version=policy_version,
         ),
-        "trainer": RLTrainer.options(procs=c.trainer.procs, with_gpus=c.trainer.with_gpus).as_actor(
+        "trainer": RLTrainer.options(
+            procs=c.trainer.procs, with_gpus=c.trainer.with_gpus, on_hosts=c.placement.hosts("trainer"),
+        ).as_actor(
             model=c.model,
             optimizer={"name": c.trainer.optimizer, "lr": c.trainer.lr, "weight_decay": c.trainer.weight_decay},
             training={
@@ -97,9 +128,12 @@ async def start_services(
         ),
         "compute_advantages": ComputeAdvantages.options(procs=1).as_actor(),
         "ref_model": ReferenceModel.options(
-            procs=1, num_replicas=c.reference.num_replicas, with_gpus=c.reference.with_gpus
+            procs=1, num_replicas=c.reference.num_replicas, with_gpus=c.reference.with_gpus,
+            on_hosts=c.placement.hosts("reference"),
         ).as_service(model=c.model, dtype=c.reference.dtype),
-        "reward_actor": RewardActor.options(procs=1, num_replicas=c.reward.num_replicas).as_service(
+        "reward_actor": RewardActor.options(
+            procs=1, num_replicas=c.reward.num_replicas, on_hosts=c.placement.hosts("reward"),
+        ).as_service(
             reward_functions=[REWARD_FUNCTIONS[name]() for name in c.reward.functions]
         ),
     }

@@ -173,7 +173,9 @@ class Replica:
 
         On this machine alone there is nothing to choose. On a cluster: the
         replica's home when it is up, else the least-occupied hosts; raises
-        what ``Cluster.place`` raises (too few hosts up, no free GPUs).
+        what ``Cluster.place`` raises (too few hosts up, no free GPUs). With
+        ``options(on_hosts=...)`` its home is the least occupied of the
+        hosts named (ValueError for a host the cluster does not have).
         """
         cluster = self.service.cluster
         self._release_placement()
@@ -181,6 +183,9 @@ class Replica:
             self.host, self.hosts = "local", list(cluster.hosts)
             return
         cls = self.service.actor_cls
+        if self.home is None and cls.on_hosts is not None:
+            self.home = cluster.choose_among(cls.on_hosts, cls.hosts or 1,
+                                             f"{cls.__name__}.options(on_hosts={list(cls.on_hosts)})")
         self._placement = cluster.place(
             cls.hosts or 1, cls.procs, cls.with_gpus, f"{self.service.name} replica {self.index}",
             prefer=self.home if prefer_home else None,

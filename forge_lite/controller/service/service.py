@@ -162,6 +162,9 @@ class Service:
                 )
         service = cls(actor_cls, args, kwargs)
         service.cluster.check(actor_cls.hosts or 1, f"{actor_cls.__name__}.options(hosts={actor_cls.hosts})")
+        if actor_cls.on_hosts is not None:  # every host it names is in the cluster: checked before any spawn
+            service.cluster.choose_among(actor_cls.on_hosts, actor_cls.hosts or 1,
+                                         f"{actor_cls.__name__}.options(on_hosts={list(actor_cls.on_hosts)})")
         service.replicas = [Replica(service, i) for i in range(actor_cls.num_replicas)]
         try:
             for replica in service.replicas:  # one by one: each takes the least-occupied hosts left

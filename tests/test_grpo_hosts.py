@@ -1,0 +1,162 @@
+"""GRPO across hosts: ``configs/grpo_tiny_two_hosts.yaml`` on two real hosts.
+
+The hosts are Monarch workers started with ``python -m forge_lite.worker``
+(``LocalHosts``): as root each in its own network namespace, else on
+loopback ports; the output says which mode ran. Monarch fixes its transport
+at its first call in a process, so the ``check_*`` functions run in a fresh
+pytest process of their own, started by ``test_grpo_hosts_in_a_fresh_process``
+(as in test_hosts.py). What needs no cluster (a placement naming a host this
+machine does not have) runs here directly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+from monarch.actor import endpoint
+
+import forge_lite
+from conftest import count_children
+from forge_lite.controller import ForgeActor
+from forge_lite.controller.actor import processes_of
+from forge_lite.worker import LocalHosts
+from test_grpo_loop import CONFIGS, FAST
+
+ROOT = Path(__file__).resolve().parents[1]
+TWO_HOSTS = os.path.join(CONFIGS, "grpo_tiny_two_hosts.yaml")
+STEPS = 30
+
+
+class GRPOHostsTestMode(UserWarning):
+    """Which kind of hosts the checks ran on (reported, so no mode passes unseen)."""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_grpo_hosts_in_a_fresh_process():
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+         "-o", "python_functions=check_*", str(Path(__file__).relative_to(ROOT))],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+        env={k: v for k, v in os.environ.items() if not k.startswith("FORGE_LITE_")},
+    )
+    mode = re.search(r"^HOSTS MODE: (.*)$", out.stdout, re.MULTILINE)
+    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "no output"
+    warnings.warn(GRPOHostsTestMode(f"{mode.group(1) if mode else 'unknown'}; {summary}"))
+    assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-3000:]
+    assert mode is not None and " passed" in summary
+
+
+# ---------------------------------------------------------------- no cluster needed
+
+
+async def test_a_placement_on_a_host_the_cluster_lacks_fails_before_anything_starts(tmp_path):
+    from forge_lite.grpo.config import load_config
+    from forge_lite.grpo.run import run_grpo
+
+    before = count_children()
+    config = load_config(TWO_HOSTS, FAST + [f"output_dir={tmp_path}", "progress=false"])
+    with pytest.raises(ValueError, match=r"placement\.\w+: no host 'host\d' in the cluster; it has 0=local"):
+        await run_grpo(config)
+    assert count_children() == before  # not even the weight server started
+
+
+async def test_on_hosts_naming_a_missing_host_is_refused_at_the_call():
+    before = count_children()
+    with pytest.raises(ValueError, match=r"no host 'host3' in the cluster; it has 0=local"):
+        await Where.options(on_hosts="host3").as_service()
+    with pytest.raises(ValueError, match=r"no host 2 in the cluster"):
+        await Where.options(on_hosts=[0, 2]).as_actor()
+    with pytest.raises(ValueError, match="on_hosts must be"):
+        Where.options(on_hosts=[True])
+    assert count_children() == before
+
+
+# ---------------------------------------------------------------- on two hosts
+
+
+class Where(ForgeActor):
+    @endpoint
+    async def worker(self) -> int:
+        return os.getppid()
+
+
+@pytest.fixture(scope="module")
+def hosts(request):
+    """Two hosts: network namespaces as root, else loopback workers (see LocalHosts)."""
+    made = LocalHosts(2)
+    request.addfinalizer(made.stop)
+    made.start()
+    print(f"\nHOSTS MODE: {made.mode}", flush=True)
+    return made
+
+
+@pytest.fixture
+async def cluster(hosts):
+    attached = await forge_lite.attach_cluster(hosts.addresses, client_address=hosts.client_address)
+    try:
+        yield attached
+    finally:
+        await forge_lite.detach_cluster()
+
+
+async def check_on_hosts_places_replicas_and_actors_on_the_named_hosts(hosts, cluster):
+    svc = await Where.options(num_replicas=3, on_hosts="host1").as_service()
+    actor = await Where.options(on_hosts=[0]).as_actor()
+    try:
+        assert [r.host for r in svc.replicas] == ["host1"] * 3  # not spread: the host named
+        assert set(await svc.worker.fanout()) == {hosts.workers[1].pid}
+        assert await actor.worker.call_one() == hosts.workers[0].pid
+        assert processes_of(actor).placement.name == "host0"
+    finally:
+        await svc.shutdown()
+        await Where.shutdown(actor)
+    spread = await Where.options(num_replicas=2, on_hosts=["host1", 0]).as_service()
+    try:
+        assert sorted(r.host for r in spread.replicas) == ["host0", "host1"]  # least occupied of those named
+    finally:
+        await spread.shutdown()
+    with pytest.raises(ValueError, match=r"no host 'host2' in the cluster; it has 0=host0, 1=host1"):
+        await Where.options(on_hosts="host2").as_service()
+    assert [h.placed for h in cluster.hosts] == [0, 0]  # nothing left placed
+
+
+async def check_the_two_hosts_config_trains_and_every_replica_ends_on_the_last_version(hosts, cluster, tmp_path):
+    from forge_lite.actors.weight_server import ActorWeightStore
+    from forge_lite.grpo.config import load_config
+    from forge_lite.grpo.recorder import MetricsRecorder
+    from forge_lite.grpo.run import GRPORun
+
+    # Two replicas, so "every replica" means something; no held-out scoring and
+    # no skipped groups (two responses agree often): 30 short steps, nothing else.
+    config = load_config(TWO_HOSTS, FAST + [f"steps={STEPS}", "policy.num_replicas=2", "eval_samples=0",
+                                            "skip_uniform_groups=false", f"output_dir={tmp_path}",
+                                            "progress=false"])
+    recorder = MetricsRecorder()
+    run = await GRPORun(config, recorder).start()
+    try:
+        # Each component runs where the config put it: by name, and by process parentage.
+        where = run.services.hosts()
+        assert where["policy"] == ["host1", "host1"] and where["ref_model"] == ["host1"]
+        assert where["reward_actor"] == ["host1"] and where["trainer"] == ["host0"], where
+        on_host1, on_host0 = set(hosts.workers[1].children()), set(hosts.workers[0].children())
+        assert all(set(r.pids) <= on_host1 for r in run.services.policy.replicas)
+        assert set(processes_of(run.services.trainer).pids) <= on_host0
+        assert isinstance(run.store, ActorWeightStore)  # no folder is shared between the hosts
+
+        result = await run.train()
+
+        assert [s.step for s in recorder.steps] == list(range(STEPS))
+        assert recorder.versions[-1].trainer_version == STEPS
+        assert recorder.versions[-1].replica_versions == (STEPS, STEPS)
+        assert await run.services.policy.get_version.fanout() == [STEPS, STEPS]
+        assert result.steps_trained == STEPS
+    finally:
+        await run.shutdown()
+    assert [h.placed for h in cluster.hosts] == [0, 0]
