@@ -27,14 +27,13 @@ import time
 import torch
 
 from forge_lite.actors.engines import SamplingConfig, make_engine
-from forge_lite.actors.hf_model import load_causal_lm, load_tokenizer
+from forge_lite.actors.hf_model import load_causal_lm, load_tokenizer, response_logits
 from forge_lite.actors.trainer import build_optimizer
 from forge_lite.assets import DEFAULT_MODEL, MATH_DATA_DIR
 from forge_lite.data.prompts import format_request
 from forge_lite.rl.collate import drop_padding_columns, grpo_collate
 from forge_lite.rl.episode import Group
-from forge_lite.rl.loss import grpo_loss, response_logprobs
-from forge_lite.actors.hf_model import causal_lm_logits
+from forge_lite.rl.loss import grpo_loss, token_logprobs
 
 PROMPTS, GROUP, MAX_TOKENS, REQUEST_LEN, ROUNDS = 4, 8, 32, 96, 5
 
@@ -67,8 +66,9 @@ def train_step(model, optimizer, completions: list, pad_id: int) -> None:
     (batch,), (target,) = grpo_collate(episodes)
     batch, target = drop_padding_columns(batch, target)
     request_len = batch["tokens"].shape[1] - target["response"].shape[1]
-    logits = causal_lm_logits(model, batch["tokens"], batch["attention_mask"])
-    logprobs = response_logprobs(logits, batch["tokens"], request_len)
+    # As the trainer does: each of the step's 4 requests runs once, not 8 times.
+    logits = response_logits(model, batch["tokens"], batch["attention_mask"], request_len)
+    logprobs = token_logprobs(logits, batch["tokens"][:, request_len:])
     loss = grpo_loss(logprobs, None, target["advantages"], target["padding_mask"], beta=0.0)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

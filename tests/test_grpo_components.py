@@ -10,7 +10,7 @@ from forge_lite.actors.replay_buffer import LocalReplayBuffer
 from forge_lite.grpo import Episode, Group, create_episode_from_grpo_data, episode_from_completion
 from forge_lite.grpo.advantages import group_advantages
 from forge_lite.rl.collate import drop_padding_columns, grpo_collate
-from forge_lite.rl.loss import grpo_loss, response_logprobs
+from forge_lite.rl.loss import grpo_loss, response_logprobs, token_logprobs
 
 PAD = 0
 
@@ -178,6 +178,51 @@ def test_dropping_padding_columns_keeps_every_real_tokens_logprob():
     # Nothing to drop: the batch comes back the same.
     again, _ = drop_padding_columns(trimmed, trimmed_target)
     assert torch.equal(again["tokens"], trimmed["tokens"])
+
+
+def test_each_request_run_once_gives_the_logprobs_and_gradients_of_whole_rows():
+    from forge_lite.actors.hf_model import causal_lm_logits, load_causal_lm, load_tokenizer, response_logits
+    from forge_lite.assets import DEFAULT_MODEL
+
+    REQUEST = 48
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    torch.manual_seed(0)
+    model = load_causal_lm(DEFAULT_MODEL, "float32", torch.device("cpu"))
+    # Two prompts of different lengths (so different left padding), three
+    # responses each of different lengths, rows of one group not adjacent.
+    groups = {"What is 2 + 3?": ["<answer>5</answer>", "<think>2 + 3 = 5</think><answer>5</answer>", "6"],
+              "A box holds 66 books. Sam takes out 21. How many are left?":
+                  ["<answer>45</answer>", "<think>66 - 21</think>", "<answer>44</answer> no"]}
+    episodes = []
+    for number in range(3):
+        for question, answers in groups.items():
+            episode = make_episode(f"e{len(episodes)}", request_tokens=tokenizer.encode(question),
+                                   response_tokens=tokenizer.encode(answers[number]), request_len=REQUEST,
+                                   response_len=30, advantage=1.0 if number else -1.0)
+            episode.pad_id = tokenizer.pad_token_id
+            episodes.append(episode)
+    (batch,), (target,) = grpo_collate(episodes)
+    tokens, mask, real = batch["tokens"], batch["attention_mask"], target["padding_mask"].bool()
+
+    def loss_and_grads(logprobs):
+        loss = grpo_loss(logprobs, None, target["advantages"], target["padding_mask"], beta=0.0)
+        return logprobs.detach(), torch.autograd.grad(loss, list(model.parameters()))
+
+    whole, whole_grads = loss_and_grads(response_logprobs(causal_lm_logits(model, tokens, mask), tokens, REQUEST))
+    shared, shared_grads = loss_and_grads(token_logprobs(response_logits(model, tokens, mask, REQUEST), tokens[:, REQUEST:]))
+    assert torch.allclose(whole[real], shared[real], atol=1e-5)
+    for a, b in zip(whole_grads, shared_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    # It did share: a different response for one row changes only that row.
+    assert len(torch.unique(tokens[:, :REQUEST], dim=0)) == 2
+
+    # Rows that share nothing take the plain path, with the same numbers.
+    firsts = [0, 1]
+    with torch.no_grad():
+        alone = token_logprobs(response_logits(model, tokens[firsts], mask[firsts], REQUEST), tokens[firsts, REQUEST:])
+    assert torch.allclose(alone[real[firsts]], whole[firsts][real[firsts]], atol=1e-5)
+    with pytest.raises(ValueError, match=f"request_len={tokens.shape[1]} must be"):
+        response_logits(model, tokens, mask, tokens.shape[1])
 
 
 def test_collate_rejects_what_cannot_batch():

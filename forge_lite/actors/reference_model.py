@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from forge_lite.actors.hf_model import causal_lm_logits, load_causal_lm
+from forge_lite.actors.hf_model import load_causal_lm, response_logits
 from forge_lite.controller import ForgeActor
-from forge_lite.rl.loss import response_logprobs
+from forge_lite.rl.loss import token_logprobs
 from monarch.actor import endpoint
 
 
@@ -73,7 +73,8 @@ class ReferenceModel(ForgeActor):
         tokens = input_ids.to(device)
         mask = None if attention_mask is None else attention_mask.to(device)
         with torch.inference_mode():
-            logits = causal_lm_logits(self.model, tokens, mask)
+            # The same logits as the trainer's, each distinct request run once.
+            logits = response_logits(self.model, tokens, mask, max_req_tokens)
             if return_logprobs:
-                return response_logprobs(logits, tokens, max_req_tokens).cpu()
-            return logits[:, max_req_tokens - 1 : -1].float().cpu()
+                return token_logprobs(logits, tokens[:, max_req_tokens:]).cpu()
+            return logits.float().cpu()

@@ -63,11 +63,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from forge_lite.actors.hf_model import causal_lm_logits, default_device, load_causal_lm
+from forge_lite.actors.hf_model import default_device, load_causal_lm, response_logits
 from forge_lite.actors.weights import WeightStore
 from forge_lite.controller import ForgeActor
 from forge_lite.rl.collate import drop_padding_columns
-from forge_lite.rl.loss import grpo_loss, response_logprobs
+from forge_lite.rl.loss import grpo_loss, token_logprobs
 from monarch.actor import current_rank, current_size, endpoint
 
 
@@ -234,8 +234,9 @@ class RLTrainer(ForgeActor):
             accumulate_only = self.world_size > 1 and start != starts[-1]
             with self.trained.no_sync() if accumulate_only else contextlib.nullcontext():
                 mask = None if attention_mask is None else attention_mask[rows]
-                logits = causal_lm_logits(self.trained, tokens[rows], mask)
-                logprobs = response_logprobs(logits, tokens[rows], request_len)
+                # Each distinct request of the micro-batch runs once (see response_logits).
+                logits = response_logits(self.trained, tokens[rows], mask, request_len)
+                logprobs = token_logprobs(logits, tokens[rows, request_len:])
                 loss = self.loss(logprobs, **{
                     key: None if value is None else value[rows] for key, value in loss_inputs.items()
                 })

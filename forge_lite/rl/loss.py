@@ -23,9 +23,10 @@ masked position holds (padding, -inf, NaN, anything) never reaches the loss,
 its KL or its gradient: both logprob tensors are set to 0 there before any
 arithmetic (``unmasked``).
 
-``response_logprobs`` is the one place logits become per-token logprobs: the
-reference model and the trainer both call it, so the two can only differ by
-their weights.
+``token_logprobs`` (under ``response_logprobs``) is the one place logits
+become per-token logprobs: the reference model and the trainer both call it,
+on logits from ``forge_lite.actors.hf_model.response_logits``, so the two can
+only differ by their weights.
 """
 
 import torch
@@ -38,22 +39,39 @@ def response_logprobs(logits: torch.Tensor, tokens: torch.Tensor, request_len: i
     """Logprobs of ``tokens[:, request_len:]`` under ``logits``: shape ``[B, L - request_len]``.
 
     ``logits[:, i]`` is the model's prediction for ``tokens[:, i + 1]``, hence
-    the shift by one. The softmax runs in float32: in bfloat16 the logprobs of
-    likely tokens round to 0 and the KL term turns into noise.
+    the shift by one (``token_logprobs`` takes logits already shifted).
     """
     if tokens.dim() != 2 or logits.shape[:2] != tokens.shape:
         raise ValueError(
             f"need logits [B, L, V] and tokens [B, L], got {tuple(logits.shape)} and "
             f"{tuple(tokens.shape)}"
         )
-    if not 0 < request_len < tokens.shape[1]:
+    check_request_len(request_len, tokens.shape[1])
+    return token_logprobs(logits[:, request_len - 1 : -1], tokens[:, request_len:])
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Logprobs ``[B, R]`` of ``tokens`` ``[B, R]`` under ``logits`` ``[B, R, V]``,
+    where ``logits[:, i]`` is the prediction for ``tokens[:, i]``.
+
+    The softmax runs in float32: in bfloat16 the logprobs of likely tokens
+    round to 0 and the KL term turns into noise.
+    """
+    if tokens.dim() != 2 or logits.shape[:2] != tokens.shape:
+        raise ValueError(
+            f"need logits [B, R, V] and tokens [B, R], got {tuple(logits.shape)} and {tuple(tokens.shape)}"
+        )
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def check_request_len(request_len: int, length: int) -> None:
+    """ValueError unless a response token follows a request of ``request_len``
+    tokens in sequences of ``length`` tokens."""
+    if not 0 < request_len < length:
         raise ValueError(
             f"request_len={request_len} must be between 1 and the sequence length "
-            f"{tokens.shape[1]} minus 1, so that at least one response token follows"
+            f"{length} minus 1, so that at least one response token follows"
         )
-    predicting = logits[:, request_len - 1 : -1].float()
-    chosen = tokens[:, request_len:].unsqueeze(-1)
-    return F.log_softmax(predicting, dim=-1).gather(-1, chosen).squeeze(-1)
 
 
 def unmasked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
