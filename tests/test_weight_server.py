@@ -174,7 +174,7 @@ async def test_a_policy_service_serves_what_the_trainer_pushed(run_store):
 
 
 async def test_a_run_picks_its_store_from_the_weights_setting():
-    from forge_lite.actors.weight_server import open_weight_store, weight_store_kind
+    from forge_lite.actors.weight_server import open_weight_store, weight_store_kind, weight_store_label
     from forge_lite.grpo.config import GRPOConfig
 
     assert weight_store_kind("auto") == "files"  # this machine: one host
@@ -188,8 +188,11 @@ async def test_a_run_picks_its_store_from_the_weights_setting():
     assert isinstance(files, WeightStore)
     await files.aclose()
 
+    assert weight_store_label(files) == "files (one host)"
+
     store = await open_weight_store("actor")
     assert isinstance(store, ActorWeightStore)
+    assert weight_store_label(store) == "actor (Monarch messages)"
     await store.aput(1, {"w": torch.zeros(2)})
     assert await store.aversions() == [1]
     await store.aclose()
@@ -213,7 +216,27 @@ async def test_a_grpo_run_with_weights_actor_syncs_through_the_server(tmp_path, 
     recorder = MetricsRecorder()
     await run_grpo(config, recorder=recorder)
     assert "weights travel as Monarch messages through a WeightServer actor" in capsys.readouterr().out
+    assert recorder.status.weights == "actor (Monarch messages)"  # what the dashboard's header shows
     assert [(v.trainer_version, v.replica_versions) for v in recorder.versions] == [
         (1, (1,)), (2, (2,)), (3, (3,))
     ]
     assert await wait_for_children(before) <= before  # the server stopped with the run
+
+
+def test_the_dashboard_header_says_which_store_the_run_chose():
+    from forge_lite.grpo.recorder import MetricsRecorder
+    from forge_lite.widgets.training_dashboard import TrainingDashboard
+
+    recorder = MetricsRecorder()
+    dash = TrainingDashboard(recorder)
+    assert "weights:" not in dash.header_text()  # not known before the run opens its store
+    heard = []
+    recorder.subscribe(heard.append)
+    recorder.record_status(weights="actor (Monarch messages)")
+    assert heard[-1].weights == "actor (Monarch messages)"  # a RunStatus event says it
+    dash._redraw()
+    assert dash.header_text().splitlines()[1] == "weights: actor (Monarch messages)"
+    assert "weights: actor (Monarch messages)" in dash._header.value
+    recorder.record_status(state="training", total_steps=5)
+    assert "weights: actor (Monarch messages)" in dash.header_text()  # kept as the run goes on
+    dash.detach()

@@ -132,6 +132,9 @@ class TrainingDashboard(w.VBox):
         else:
             progress = "waiting for the first step"
         lines = [f"GRPO: {progress}"]
+        if status.weights is not None:
+            # Which weight store the run chose (config `weights`): one host or across hosts.
+            lines.append(f"weights: {status.weights}")
         if status.heldout_before is not None:
             after = ("after: measured when training ends" if status.heldout_after is None
                      else f"after {status.heldout_after:.3f}")

@@ -206,6 +206,14 @@ def describe_weight_store(store) -> str:
     return "as files in the run's own folder on this host (weights: files)"
 
 
+def weight_store_label(store) -> str:
+    """The store's kind and how it moves weights, short enough for a
+    dashboard header: ``"actor (Monarch messages)"`` or ``"files (one host)"``."""
+    if isinstance(store, ActorWeightStore):
+        return "actor (Monarch messages)"
+    return "files (one host)"
+
+
 def _to_cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # Detached CPU tensors: a GPU tensor would be rebuilt on the server's GPU,
     # and autograd state has no business in a message.

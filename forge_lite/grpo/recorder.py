@@ -66,6 +66,10 @@ class RunStatus:
     state: str = "starting"  # "evaluating", "training", "interrupted" or "finished"
     heldout_before: float | None = None  # held-out greedy accuracy before training
     heldout_after: float | None = None  # ... and after
+    # How the trainer's weights reach the policy replicas, e.g. "files (one
+    # host)" or "actor (Monarch messages)" (weight_server.weight_store_label);
+    # None until the run has opened its store.
+    weights: str | None = None
     time: float = field(default_factory=time.time)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from forge_lite.actors.weight_server import ActorWeightStore, describe_weight_store, open_weight_store
+from forge_lite.actors.weight_server import ActorWeightStore, describe_weight_store, open_weight_store, weight_store_label
 from forge_lite.actors.weights import WeightStore
 from forge_lite.controller.cluster import current as current_cluster
 from forge_lite.grpo import checkpoint
@@ -124,6 +124,7 @@ class GRPORun:
         # host, a WeightServer actor across hosts (config.weights).
         self.store = await open_weight_store(config.weights)
         print(f"GRPO: weights travel {describe_weight_store(self.store)}", flush=True)
+        self.recorder.record_status(weights=weight_store_label(self.store))  # the dashboard's header says it too
         if config.threads_per_process is not None:
             self._set_environment({"OMP_NUM_THREADS": str(config.threads_per_process)})
         if self.resume_from is None and config.checkpoint_every:
