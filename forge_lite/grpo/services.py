@@ -5,6 +5,12 @@ behind ``route`` / ``fanout``: the policy, the reference model, the reward
 functions) or an *actor* (one process mesh, called with Monarch's
 ``call_one`` / ``call``: the dataset, the trainer, the replay buffer, the
 advantage computation).
+
+On a cluster (``forge_lite.attach_cluster``) the config's ``placement``
+section puts the policy, the reference model, the reward service and the
+trainer on the hosts it names (``options(on_hosts=...)``); the kit spreads
+the rest, least-occupied host first. ``Services.hosts()`` says where each
+component ended up.
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ class Services:
         """Where each running component is: ``{"policy": ["host1", "host1"],
         "trainer": ["host0"], ...}``, one host name per replica of a service
         (its current host: a replica whose host was lost runs elsewhere) and
-        the host(s) of an actor; ``"local"`` on this machine alone."""
+        one for an actor (``"host0+host1"`` for a mesh over two); ``"local"``
+        on this machine alone."""
         where = {}
         for name, handle in vars(self).items():
             if handle is None:
