@@ -244,6 +244,12 @@ class LocalHosts:
     def _make_namespaces(self) -> None:
         _ip("addr", "add", f"{self.subnet}.250.1/32", "dev", "lo")
         self._made.append("lo-address")
+        # Hosts reach each other too (the ranks of a trainer over two hosts
+        # meet at host 0), through this namespace, which must forward
+        # between their links as a router between machines does.
+        if _IP_FORWARD.read_text().strip() != "1":
+            _IP_FORWARD.write_text("1")
+            self._made.append("ip-forward")
         for i, (ns, veth) in enumerate(zip(self._ns, self._veth)):
             peer = veth.replace("flv", "flp")
             _ip("netns", "add", ns)
@@ -315,6 +321,9 @@ class LocalHosts:
             if made == "lo-address":
                 subprocess.run(["ip", "addr", "del", f"{self.subnet}.250.1/32", "dev", "lo"], capture_output=True)
                 continue
+            if made == "ip-forward":
+                _IP_FORWARD.write_text("0")
+                continue
             out = subprocess.run(["ip", "netns", "pids", made], capture_output=True, text=True).stdout
             for pid in out.split():
                 try:
@@ -340,6 +349,9 @@ def can_make_namespaces() -> bool:
         return False
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return True
+
+
+_IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
 
 def _ip(*args: str) -> None:

@@ -18,6 +18,7 @@ Monarch can be in the way, and nothing done here can leak into it.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata as metadata
 import os
 import re
 import subprocess
@@ -33,9 +34,10 @@ from monarch.actor import current_rank, endpoint
 
 import forge_lite
 from forge_lite.controller import ForgeActor
-from forge_lite.controller.cluster import ClusterError, Host, host_versions_match
+from forge_lite.controller.actor import processes_of
+from forge_lite.controller.cluster import ClusterError
 from forge_lite.controller.service.events import HostStateChanged, ReplicaStateChanged, RequestRouted
-from forge_lite.worker import LocalHosts, free_port
+from forge_lite.worker import LocalHosts, WorkerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTS = 3
@@ -109,6 +111,10 @@ class Where(ForgeActor):
     async def where(self) -> dict:
         return {"replica": int(os.environ.get("FORGE_LITE_REPLICA", -1)), "worker": os.getppid(),
                 "pid": os.getpid(), "rank": dict(current_rank())}
+
+    @endpoint
+    async def answer(self, prompt: str) -> dict:
+        return {"replica": int(os.environ.get("FORGE_LITE_REPLICA", -1)), "worker": os.getppid()}
 
     @endpoint
     async def work(self, token: int, seconds: float = 0.0) -> tuple[int, int]:
@@ -187,6 +193,87 @@ async def check_route_fanout_and_sessions_across_hosts(hosts, cluster):
     async with svc.session():
         pinned = {(await svc.where.route())["worker"] for _ in range(5)}
     assert len(pinned) == 1
+
+
+async def check_prefix_routing_across_hosts(hosts, cluster):
+    svc = await start(cluster, Where.options(num_replicas=3, router="prefix"))
+    story = "once upon a time a replica kept a cache of every prompt it had seen. " * 3
+    prompts = [f"conversation {i}: {story}" for i in range(3)]
+    # Sent together, the first turns find no prefix and spread by load: one per host.
+    first = await asyncio.gather(*(svc.answer.route(prompt=p) for p in prompts))
+    assert {a["worker"] for a in first} == {w.pid for w in hosts.workers}
+    follow_ups = [await svc.answer.route(prompt=p + " And then what happened?") for p in prompts]
+    assert follow_ups == first  # the same replica, so the same host, as its conversation's first turn
+    routed = svc.events.history(RequestRouted)[-3:]
+    assert all("prefix match" in e.reason for e in routed), [e.reason for e in routed]
+    assert [e.host for e in routed] == [svc.replicas[a["replica"]].host for a in first]
+
+
+# ---------------------------------------------------------------- the dashboard
+
+
+async def check_the_dashboard_groups_replicas_by_host_and_kills_one(hosts, cluster):
+    from widgets import ServiceDashboard
+
+    svc = await start(cluster, Where.options(num_replicas=3))
+    dash = ServiceDashboard(svc)
+    assert [(host, [c.index for c in cards]) for host, cards in dash.view.groups()] == sorted(
+        (r.host, [r.index]) for r in svc.replicas)
+    for i, worker in enumerate(hosts.workers):  # each group is titled with its host and address
+        assert f"host{i} ({worker.address.removeprefix('tcp://')})" in dash._cards.value
+        assert f"on host{i}" in dash._cards.value
+    assert dash._host_pick.options == (("host0", 0), ("host1", 1), ("host2", 2))
+
+    victim = next(r for r in svc.replicas if r.host == "host1")
+    dash._host_pick.value = 1
+    dash._buttons["kill host"].click()
+    await svc.service.wait_for_host(1, "LOST", timeout=15)
+    await svc.wait_for_state(victim.index, "HEALTHY", timeout=30)
+    dash._redraw()
+    assert dash._control_error.value == ""
+    groups = dict(dash.view.groups())
+    assert groups["host1"] == [] and dash.view.cards[victim.index] in groups[victim.host]
+    assert "fl-host-lost" in dash._cards.value and dash.view.host_label("host1").endswith("LOST")
+
+    # The next checks need host1: a fresh worker takes its place.
+    new = hosts.replace(1)
+    await cluster.replace_host(1, new.address)
+
+
+# ---------------------------------------------------------------- training over hosts
+
+
+async def check_a_data_parallel_trainer_over_two_hosts_takes_the_one_process_step(hosts, cluster, tmp_path):
+    from test_trainer_ddp import SGD, make_episodes
+
+    from forge_lite.actors.trainer import RLTrainer
+    from forge_lite.actors.weights import WeightStore
+    from forge_lite.assets import DEFAULT_MODEL
+    from forge_lite.rl.collate import grpo_collate
+
+    store = WeightStore(str(tmp_path))  # one machine's folder: every "host" here sees it
+    episodes = make_episodes([1.0, -0.5, 0.5, 0.2])
+    settings = dict(model=DEFAULT_MODEL, optimizer=SGD, weight_store=store,
+                    training={"seq_len": 64, "max_norm": float("inf")})
+    single = await RLTrainer.options(procs=1).as_actor(**settings)
+    try:
+        single_loss = await single.train_step.call_one(*grpo_collate(episodes, dp_size=1))
+        await single.push_weights.call_one(policy_version=1)
+    finally:
+        await RLTrainer.shutdown(single)
+
+    ddp = await RLTrainer.options(hosts=2, procs=1).as_actor(**settings)
+    try:
+        workers = {psutil.Process(pid).ppid() for pid in processes_of(ddp).pids}
+        assert len(workers) == 2 and workers <= {w.pid for w in hosts.workers}  # one rank per host
+        losses = await ddp.train_step.call(*grpo_collate(episodes, dp_size=2))
+        await ddp.push_weights.call(policy_version=2)
+    finally:
+        await RLTrainer.shutdown(ddp)
+
+    assert list(losses.values()) == [pytest.approx(single_loss, abs=1e-6)] * 2
+    one_host, two_hosts = store.get(1), store.get(2)
+    assert max((one_host[k] - two_hosts[k]).abs().max().item() for k in one_host) < 1e-5
 
 
 # ---------------------------------------------------------------- a lost host
@@ -311,16 +398,46 @@ async def check_bad_input_is_refused_at_the_call(hosts, cluster):
     assert [h.placed for h in cluster.hosts] == [0, 0, 0]
     assert [hosts.processes(i) for i in range(HOSTS)] == before  # nothing was started
 
-    # A worker of another Monarch version is refused at attach, naming both
-    # (checked on the versions its agent reports; this machine has only one).
-    other = Host(5, "tcp://10.0.0.9:26600", None, {"forge_lite": forge_lite.__version__, "monarch": "0.6.0"})
-    same, versions = host_versions_match(other)
-    assert not same and "torchmonarch 0.6.0" in versions and "here: forge_lite" in versions
-
     svc = await start(cluster, Where.options(num_replicas=1))
     with pytest.raises(ClusterError, match="shut them down"):
         await forge_lite.attach_cluster(hosts.addresses)
     await svc.shutdown()
+
+
+def worker_reporting(tmp_path: Path, dist: str, name: str, version: str) -> WorkerProcess:
+    """A real worker whose Python reports ``name`` ``version`` as installed:
+    a ``.dist-info`` in its working directory comes first on its import path
+    (this machine's index has one Monarch version only)."""
+    folder = tmp_path / f"{dist}-{version}"
+    (folder / f"{dist}-{version}.dist-info").mkdir(parents=True)
+    (folder / f"{dist}-{version}.dist-info" / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    return WorkerProcess(f"tcp://127.0.0.1:{free_port()}", prefix=["env", "-C", str(folder)])
+
+
+async def check_a_worker_of_other_versions_is_refused_at_attach(tmp_path):
+    here = f"here: forge_lite {metadata.version('forge-lite')}, torchmonarch {metadata.version('torchmonarch')}"
+    others = [worker_reporting(tmp_path, "torchmonarch", "torchmonarch", "0.6.0"),
+              worker_reporting(tmp_path, "forge_lite", "forge-lite", "0.0.1")]
+    for worker in others:
+        worker.launch()
+    try:
+        for worker, theirs in zip(others, ["torchmonarch 0.6.0", "forge_lite 0.0.1"]):
+            worker.wait_ready()
+            with pytest.raises(ClusterError) as refused:
+                await forge_lite.attach_cluster([worker.address])
+            message = str(refused.value)
+            where = worker.address.removeprefix("tcp://")
+            assert f"host0 ({where})" in message and theirs in message, message
+            assert here in message, message
+            assert forge_lite.cluster().is_local  # nothing half-attached
+            deadline = time.monotonic() + 20  # and its agent stopped: the worker runs nothing
+            while worker.children() and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert worker.children() == []
+    finally:
+        for worker in others:
+            worker.kill()
 
 
 async def check_a_monarch_job_as_the_cluster(hosts):

@@ -19,6 +19,8 @@ One process or several:
   stay identical. Call it with ``call``: every rank returns the batch's loss.
   ``with_gpus=True`` gives each process a GPU (NCCL); on CPU the ranks talk
   over gloo.
+- ``RLTrainer.options(hosts=H, procs=P)`` on a cluster (``forge_lite.attach_cluster``):
+  the same over H hosts × P processes, H × P ranks; they meet at host 0.
 
 Either way the step is the one the whole batch would give on one process: the
 loss is a mean over sequences, and each rank weights its part by its share of
@@ -55,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import socket
 from dataclasses import dataclass
 from typing import Callable
@@ -66,9 +69,10 @@ from torch.nn.parallel import DistributedDataParallel
 from forge_lite.actors.hf_model import default_device, load_causal_lm, response_logits
 from forge_lite.actors.weights import WeightStore
 from forge_lite.controller import ForgeActor
+from forge_lite.controller.actor import processes_of
 from forge_lite.rl.collate import drop_padding_columns
 from forge_lite.rl.loss import grpo_loss, token_logprobs
-from monarch.actor import current_rank, current_size, endpoint
+from monarch.actor import ActorError, current_rank, current_size, endpoint
 
 
 @dataclass
@@ -124,34 +128,40 @@ class RLTrainer(ForgeActor):
         training: dict | None = None,
         loss: Callable[..., torch.Tensor] = grpo_loss,
         weight_store: WeightStore | None = None,
-        rendezvous_port: int | None = None,
     ):
         """``weight_store``: the run's weight store, a ``WeightStore`` (a folder)
         or an ``ActorWeightStore`` (a ``WeightServer`` actor, for several hosts),
         where ``push_weights`` publishes (the Policy it feeds gets the same one); without it
-        ``push_weights`` raises RuntimeError.
-        ``rendezvous_port``: where the ranks of a data-parallel trainer meet;
-        ``as_actor`` picks a free one, so leave it unset."""
+        ``push_weights`` raises RuntimeError."""
         self.weight_store = weight_store
         self.model_spec = model
         self.optimizer_config = {"name": "AdamW", "lr": 1e-5, **(optimizer or {})}
         self.training_config = training
         self.loss = loss
-        self.rendezvous_port = rendezvous_port
 
     @classmethod
     async def as_actor(cls, *args, **kwargs):
-        """Spawn the trainer's ``procs`` processes; see ForgeActor.as_actor."""
+        """Spawn the trainer's ``procs`` processes (on each of ``hosts`` hosts)
+        and connect its ranks; see ForgeActor.as_actor."""
+        trainer = await super().as_actor(*args, **kwargs)
+        if cls.procs * (cls.hosts or 1) == 1:
+            return trainer
         # The ranks of one trainer meet at a TCP port that rank 0 listens on,
-        # and every rank must know it before it starts. The controller is the
-        # one place that talks to every rank before that, so it picks the port
-        # here and hands the same number to all of them. Asking the OS for a
-        # free port (bind to port 0) gives each trainer its own, so two
-        # trainers on one host never meet at the same port. (forge_lite puts
-        # every process on this host, so a port free here is free for rank 0.)
-        if cls.procs > 1 and kwargs.get("rendezvous_port") is None:
-            kwargs["rendezvous_port"] = free_port()
-        return await super().as_actor(*args, **kwargs)
+        # and every rank must know where that is before it connects. Where
+        # rank 0 runs is known only once the processes are placed, so they
+        # start unconnected; then the controller, the one place that talks to
+        # every rank, asks rank 0 for a port free on its host and tells every
+        # rank to meet there. Ranks on one host meet on its loopback address;
+        # across hosts, at host 0's address (the one the cluster reached it at).
+        try:
+            port = await trainer.slice(**{dim: 0 for dim in trainer.extent}).free_port.call_one()
+            await trainer.join.call(_meeting_host(trainer), port)
+        except BaseException as error:
+            await cls.shutdown(trainer)
+            if isinstance(error, ActorError):  # the rank's own error, e.g. a timeout connecting
+                raise error.exception from None
+            raise
+        return trainer
 
     # Configuration is checked here rather than in __init__: an error in setup
     # reaches the caller of as_actor as itself (a ValueError).
@@ -169,33 +179,45 @@ class RLTrainer(ForgeActor):
             # The process's one GPU (with_gpus=True), named with its index,
             # which NCCL needs to know which GPU this rank uses.
             device = torch.device("cuda", torch.cuda.current_device())
-        if self.world_size > 1:
-            if self.rendezvous_port is None:
-                raise ValueError(
-                    f"RLTrainer with procs={self.world_size} needs a rendezvous port; start "
-                    "it with RLTrainer.options(procs=N).as_actor(...), which picks one"
-                )
-            dist.init_process_group(
-                backend="nccl" if device.type == "cuda" else "gloo",
-                init_method=f"tcp://127.0.0.1:{self.rendezvous_port}",
-                rank=self.rank,
-                world_size=self.world_size,
-                device_id=device if device.type == "cuda" else None,
-            )
         # self.model is the Hugging Face model itself: its state_dict has the
         # HF names the weight store wants. self.trained is what runs the
-        # forward: the model, or the DDP wrapper around it that all-reduces
-        # gradients during backward.
+        # forward: the model, or (once ``join`` connected the ranks) the DDP
+        # wrapper around it that all-reduces gradients during backward.
         self.model = load_causal_lm(self.model_spec, self.training.dtype, device)
         self.model.train()
         self.trained = self.model
-        if self.world_size > 1:
-            # DDP starts every rank from rank 0's weights.
-            self.trained = DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None
-            )
         self.optimizer = build_optimizer(self.model.parameters(), self.optimizer_config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.training.lr_factor)
+
+    @endpoint
+    def free_port(self) -> int:
+        """A TCP port free on this rank's host (rank 0's is where the ranks meet)."""
+        return free_port()
+
+    @endpoint
+    def join(self, host: str, port: int) -> None:
+        """Connect this rank to the others at rank 0's ``host``:``port`` and wrap
+        the model in DDP (``as_actor`` calls it on every rank at once)."""
+        device = next(self.model.parameters()).device
+        if device.type != "cuda":
+            # Gloo talks over the interface named by the host's name, which
+            # on a machine with several (or in a network namespace) may not
+            # reach the other ranks: use the one on the route to rank 0.
+            interface = interface_towards(host)
+            if interface is not None:
+                os.environ["GLOO_SOCKET_IFNAME"] = interface
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            init_method=f"tcp://{host}:{port}",
+            rank=self.rank,
+            world_size=self.world_size,
+            device_id=device if device.type == "cuda" else None,
+        )
+        # DDP starts every rank from rank 0's weights (in place: the
+        # optimizer built in setup keeps the same parameters).
+        self.trained = DistributedDataParallel(
+            self.model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     async def __cleanup__(self, exc: Exception | None) -> None:
         # Monarch calls this when the actor stops (RLTrainer.shutdown). The
@@ -207,6 +229,11 @@ class RLTrainer(ForgeActor):
     @endpoint
     def train_step(self, inputs: list[dict], targets: list[dict]) -> float:
         """One optimizer step on the batch; returns the whole batch's loss before the step."""
+        if self.world_size > 1 and not dist.is_initialized():
+            raise RuntimeError(
+                f"this trainer's {self.world_size} ranks are not connected: start it with "
+                "RLTrainer.options(procs=..., hosts=...).as_actor(...), which connects them"
+            )
         batch, target, global_batch_size = self._my_part(inputs, targets)
         batch, target = drop_padding_columns(batch, target)
         device = next(self.model.parameters()).device
@@ -370,10 +397,32 @@ def to_cpu(value):
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that no process is listening on right now."""
+    """A TCP port that no process of this host is listening on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind(("", 0))
         return probe.getsockname()[1]
+
+
+def interface_towards(host: str) -> str | None:
+    """The name of this machine's network interface on the route to ``host``
+    (``"lo"`` for 127.0.0.1); None if no interface has that address."""
+    import psutil
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))  # chooses the route; nothing is sent
+        mine = probe.getsockname()[0]
+    return next((name for name, addresses in psutil.net_if_addrs().items()
+                 if any(a.address == mine for a in addresses)), None)
+
+
+def _meeting_host(trainer) -> str:
+    """Where the ranks of ``trainer`` meet: loopback on one host, else the
+    address of host 0 (rank 0's), as the cluster reached its worker."""
+    placement = processes_of(trainer).placement
+    if placement is None or len(placement.hosts) == 1:
+        return "127.0.0.1"
+    first = placement.hosts[0]
+    return first.where.rpartition(":")[0] if first.address else first.facts["hostname"]
 
 
 def build_optimizer(parameters, config: dict) -> torch.optim.Optimizer:
