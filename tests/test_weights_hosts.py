@@ -5,7 +5,7 @@ Two hosts, each a Monarch worker (as root: in its own network namespace,
 else on a loopback port; see ``forge_lite.worker.LocalHosts``), each with a
 temporary folder of its own: no folder is shared, so the file store could
 not work here. The trainer and its WeightServer run on host0, a 2-replica
-Policy service on host1.
+Policy service on host1 (``options(on_hosts=...)``).
 
 - After ``push_weights(1)`` and ``update_weights.fanout(1)`` every replica
   answers exactly as an engine in this process loaded with the trainer's own
@@ -126,7 +126,7 @@ async def started(hosts, start):
 
 
 def start_trainer(store):
-    return RLTrainer.options(procs=1).as_actor(
+    return RLTrainer.options(procs=1, on_hosts="host0").as_actor(
         model=DEFAULT_MODEL, optimizer={"name": "AdamW", "lr": 1e-2}, training={"seq_len": 256},
         loss=functools.partial(grpo_loss, beta=0.0), weight_store=store,
     )
@@ -168,20 +168,17 @@ async def check_weights_travel_from_the_trainer_host_to_the_policy_host(hosts):
     await forge_lite.attach_cluster(hosts.addresses, client_address=hosts.client_address)
     server = trainer = policy = None
     try:
-        # Least occupied first, in a known order: the server and the trainer
-        # on host0; a placeholder on host1 while the trainer is placed, so
-        # that both Policy replicas then go to host1.
-        server, on, server_pid = await started(hosts, WeightServer.options(procs=1).as_actor(keep_last=2))
+        # The server and the trainer on host0, the Policy on host1.
+        server, on, server_pid = await started(hosts, WeightServer.options(on_hosts="host0").as_actor(keep_last=2))
         assert on == 0
         store = ActorWeightStore(server)
-        folder1, on, _ = await started(hosts, Folder.options(procs=1).as_actor())
-        assert on == 1
         trainer, on, trainer_pid = await started(hosts, start_trainer(store))
         assert on == 0
         # Each host has its own temporary folder: no path of the other.
-        assert await folder1.tempdir.call_one() == hosts.folders[1]
+        folder1, on, _ = await started(hosts, Folder.options(on_hosts="host1").as_actor())
+        assert on == 1 and await folder1.tempdir.call_one() == hosts.folders[1]
         await Folder.shutdown(folder1)
-        policy = await Policy.options(num_replicas=2).as_service(
+        policy = await Policy.options(num_replicas=2, on_hosts="host1").as_service(
             engine_config={"backend": "transformers"}, sampling_config=GREEDY, weight_store=store
         )
         assert [r.host for r in policy.replicas] == ["host1", "host1"]
@@ -246,7 +243,7 @@ async def check_weights_travel_from_the_trainer_host_to_the_policy_host(hosts):
             assert await policy.get_version.fanout() == [1, 1]
             assert await answers(policy) == served
 
-        mark("a new trainer (on host0 again) publishes, and the replicas load it")
+        mark("a new trainer publishes, and the replicas load it")
         trainer, on, _ = await started(hosts, start_trainer(store))
         assert on == 0
         await train_step(trainer, seed=3)
