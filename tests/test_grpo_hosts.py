@@ -86,6 +86,10 @@ class Where(ForgeActor):
     async def worker(self) -> int:
         return os.getppid()
 
+    @endpoint
+    async def threads(self) -> str | None:
+        return os.environ.get("OMP_NUM_THREADS")
+
 
 @pytest.fixture(scope="module")
 def hosts(request):
@@ -106,7 +110,9 @@ async def cluster(hosts):
         await forge_lite.detach_cluster()
 
 
-async def check_on_hosts_places_replicas_and_actors_on_the_named_hosts(hosts, cluster):
+async def check_on_hosts_places_replicas_and_actors_on_the_named_hosts(hosts, cluster, monkeypatch):
+    # A GRPO run's threads_per_process: it must reach processes on other hosts too.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     svc = await Where.options(num_replicas=3, on_hosts="host1").as_service()
     actor = await Where.options(on_hosts=[0]).as_actor()
     try:
@@ -114,6 +120,7 @@ async def check_on_hosts_places_replicas_and_actors_on_the_named_hosts(hosts, cl
         assert set(await svc.worker.fanout()) == {hosts.workers[1].pid}
         assert await actor.worker.call_one() == hosts.workers[0].pid
         assert processes_of(actor).placement.name == "host0"
+        assert await svc.threads.fanout() == ["1", "1", "1"] and await actor.threads.call_one() == "1"
     finally:
         await svc.shutdown()
         await Where.shutdown(actor)

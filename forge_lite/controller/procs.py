@@ -167,6 +167,14 @@ async def spawn_processes(
         # rootdir insertion) can be imported in the new process too.
         "PYTHONPATH": caller_import_path(),
     }
+    # The caller's torch threads per process (a GRPO run's threads_per_process
+    # sets it). A process here inherits it anyway; one on another host gets
+    # its worker's environment instead, and with torch's default (a thread
+    # per core) its threads spin-wait for cores the others hold. Measured on
+    # 2 cores, the tiny GRPO config across two namespace hosts: 15 steps/min
+    # without this line, 138 with it (the trainer's step 3.2 s -> 0.3 s).
+    if "OMP_NUM_THREADS" in os.environ:
+        quiet["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
 
     def command_for(point):
         extra = {**quiet, **(env or {})}
