@@ -31,7 +31,7 @@ cache) through the folder.
 from __future__ import annotations
 
 import torch
-from monarch.actor import endpoint
+from monarch.actor import concurrent_endpoint, endpoint
 
 from forge_lite.controller import ForgeActor
 
@@ -66,7 +66,10 @@ class WeightServer(ForgeActor):
         for old in sorted(self._versions)[: -self.keep_last]:
             del self._versions[old]
 
-    @endpoint
+    # Concurrent: the replicas of a service fetch a version at the same time
+    # (update_weights.fanout), and an actor otherwise answers one message at a
+    # time, so each replica would wait for the transfers of those before it.
+    @concurrent_endpoint
     async def get(self, version: int) -> dict[str, torch.Tensor]:
         """The state dict published as ``version``; KeyError naming the versions held."""
         try:
