@@ -127,7 +127,10 @@ class WorkerProcess:
     def wait_ready(self, timeout: float = 60.0) -> "WorkerProcess":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if READY in Path(self.log_path).read_text(errors="replace"):
+            # The worker prints READY a moment before Monarch listens on its
+            # port (seen on a busy machine: a connect right after READY was
+            # refused, and an attach then failed): ready means both.
+            if READY in Path(self.log_path).read_text(errors="replace") and self._listens():
                 return self
             if self.process.poll() is not None:
                 break
@@ -135,6 +138,14 @@ class WorkerProcess:
         output = Path(self.log_path).read_text(errors="replace")[-2000:]
         self.kill()
         raise RuntimeError(f"the worker at {self.address} did not start:\n{output}")
+
+    def _listens(self) -> bool:
+        host, _, port = self.address[len("tcp://"):].rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
 
     @property
     def pid(self) -> int | None:
