@@ -11,10 +11,12 @@ machine does not have) runs here directly.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import forge_lite
 from conftest import count_children
 from forge_lite.controller import ForgeActor
 from forge_lite.controller.actor import processes_of
+from forge_lite.controller.service.events import ReplicaStateChanged
 from forge_lite.worker import LocalHosts
 from test_grpo_loop import CONFIGS, FAST
 
@@ -132,6 +135,28 @@ async def check_on_hosts_places_replicas_and_actors_on_the_named_hosts(hosts, cl
     with pytest.raises(ValueError, match=r"no host 'host2' in the cluster; it has 0=host0, 1=host1"):
         await Where.options(on_hosts="host2").as_service()
     assert [h.placed for h in cluster.hosts] == [0, 0]  # nothing left placed
+
+
+async def check_a_service_shut_down_mid_respawn_gives_its_host_slot_back(hosts, cluster):
+    # What a GRPO run that stops after losing a host does: its services shut
+    # down while their replicas respawn elsewhere.
+    svc = await Where.options(num_replicas=1, on_hosts="host1").as_service()
+    respawning = asyncio.Event()
+    svc.events.subscribe(lambda e: isinstance(e, ReplicaStateChanged) and e.new == "RECOVERING"
+                         and "respawning" in e.reason and respawning.set())
+    await svc.kill_replica(0)
+    await asyncio.wait_for(respawning.wait(), 30)
+    await svc.shutdown()
+    assert [h.placed for h in cluster.hosts] == [0, 0]  # the respawn's slot was given back too
+    assert await settled(hosts, 1)
+
+
+async def settled(hosts, i: int, timeout: float = 20.0) -> bool:
+    """Host ``i`` runs nothing of ours but its agent (stopped processes take a moment to exit)."""
+    deadline = time.monotonic() + timeout
+    while len(hosts.processes(i)) > 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    return len(hosts.processes(i)) <= 1
 
 
 async def check_the_two_hosts_config_trains_and_every_replica_ends_on_the_last_version(hosts, cluster, tmp_path):

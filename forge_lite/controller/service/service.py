@@ -202,11 +202,16 @@ class Service:
         self._shut_down = True
         if self._unsubscribe_cluster is not None:
             self._unsubscribe_cluster()
-        for task in list(self._tasks):
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        for task in tasks:
             task.cancel()
         self._fail_waiters(ServiceShutdownError(f"service {self.name} is shut down"))
         for replica in self.replicas:
             self._set_state(replica, STOPPED, "service shut down")
+        # A respawn cancelled mid-spawn stops its new processes and gives its
+        # host slot back as it unwinds: wait for that, or the cluster would
+        # still count the replica there after shutdown (detach_cluster refuses).
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(r.stop() for r in self.replicas), return_exceptions=True)
         self.events.publish(ServiceStopped(self.name))
 
