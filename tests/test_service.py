@@ -12,7 +12,9 @@ import os
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
+import torch
 from conftest import count_children, wait_for_children, wait_for_exit
 from monarch.actor import endpoint
 
@@ -422,6 +424,35 @@ async def test_overloaded_replica_makes_requests_wait_not_fail():
             elif isinstance(e, RequestFinished):
                 in_flight -= 1
         assert most == 1
+    finally:
+        await service.shutdown()
+
+
+class NoEquality:
+    """An argument whose == refuses to answer, as a tensor's bool() does."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        raise TypeError("NoEquality cannot be compared")
+
+    __hash__ = object.__hash__
+
+
+@pytest.mark.parametrize("make", [
+    lambda i: torch.tensor([i, i + 1]),  # == is element-wise; bool() of it raises
+    lambda i: np.array([i, i + 1]),
+    lambda i: NoEquality(i),
+], ids=["tensor", "ndarray", "no-equality"])
+async def test_requests_waiting_in_line_may_carry_any_argument(make):
+    # The requests wait in line for the one slot; finding one among the others
+    # must not compare their arguments.
+    service = await Worker.options(num_replicas=1, max_concurrent_requests=1).as_service()
+    try:
+        results = await asyncio.gather(*(service.echo.route(make(i), delay=0.02) for i in range(5)))
+        values = [r.value if isinstance(r, NoEquality) else list(r.tolist()) for r, _ in results]
+        assert values == [i if make(0).__class__ is NoEquality else [i, i + 1] for i in range(5)]
     finally:
         await service.shutdown()
 

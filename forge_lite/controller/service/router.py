@@ -29,7 +29,11 @@ class ReplicaView(Protocol):
     requests_served: int
 
 
-@dataclass
+# eq=False: a request is one call, equal only to itself. Field equality
+# would compare the call's arguments, and a tensor or an array answers ==
+# element-wise (bool() of that raises), so finding a request among those
+# waiting in line would fail for exactly the calls a model service gets.
+@dataclass(eq=False)
 class Request:
     """One call being routed."""
 
