@@ -261,7 +261,8 @@ async def test_with_kl_samples_the_reference_scores_only_a_sample(components):
 
 
 def run_store_dirs() -> set[str]:
-    """The weight stores' default directories that exist now."""
+    """The weight stores' default directories that exist now (under this
+    process's temporary directory, which the test below makes its own)."""
     return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("forge_lite_weights_")}
 
 
@@ -270,15 +271,22 @@ def finite(value) -> bool:
 
 
 @pytest.mark.slow
-async def test_a_three_step_run_records_every_step_and_leaves_no_process(tmp_path):
+async def test_a_three_step_run_records_every_step_and_leaves_no_process(tmp_path, monkeypatch):
     before = count_children()
-    stores_before = run_store_dirs()
+    # The run's store is made in this process: in a temporary directory of the
+    # test's own, no other run on the machine can add or remove one there.
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert run_store_dirs() == set()
     config = load_config(os.path.join(CONFIGS, "grpo_tiny.yaml"),
                          FAST + [f"output_dir={tmp_path}", "progress=false"])
     recorder = MetricsRecorder()
+    stores_seen = set()
+    recorder.subscribe(lambda record: stores_seen.update(run_store_dirs()))
 
     result = await run_grpo(config, recorder=recorder)
 
+    assert len(stores_seen) == 1  # the run's store, while it trained
     assert [s.step for s in recorder.steps] == [0, 1, 2]
     assert [s.trainer_version for s in recorder.steps] == [1, 2, 3]
     for s in recorder.steps:
@@ -303,7 +311,7 @@ async def test_a_three_step_run_records_every_step_and_leaves_no_process(tmp_pat
     assert "held-out greedy accuracy (4 problems)" in result.summary()
 
     assert await wait_for_children(before) <= before
-    assert not run_store_dirs() - stores_before  # the run's own store is gone
+    assert run_store_dirs() == set()  # the run's own store is gone
 
 
 @pytest.mark.slow

@@ -188,7 +188,14 @@ class GRPOConfig:
     # Episodes generated more than this many versions before the trainer's
     # current one are dropped unused; 0 is strictly on-policy.
     max_policy_age: int = 1
-    num_rollout_tasks: int = 2  # concurrent rollout loops (prompts in flight)
+    num_rollout_tasks: int = 2  # concurrent rollout loops
+    # Groups each rollout loop generates at once: their generate calls reach
+    # the policy together, and the transformers engine, which runs whole
+    # batches, decodes them in one batch: on the shipped model a group of 8
+    # responses took 20 ms of engine time alone, 14 ms in a batch of four
+    # groups or more (1 thread, measured). Prompts in flight:
+    # num_rollout_tasks times this.
+    prompts_per_rollout: int = 1
     # Leave out of the buffer a group whose responses all got the same reward:
     # its advantages are all 0, so with beta = 0 it teaches nothing (with
     # beta > 0 only the KL term), and it takes batch slots from groups that do.
@@ -231,6 +238,7 @@ class GRPOConfig:
             ("batch_size", 1),
             ("max_policy_age", 0),
             ("num_rollout_tasks", 1),
+            ("prompts_per_rollout", 1),
             ("eval_samples", 0),
             ("policy.num_replicas", 1),
             ("policy.max_tokens", 1),
