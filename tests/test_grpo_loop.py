@@ -32,7 +32,7 @@ from forge_lite.grpo import ComputeAdvantages, DatasetActor, Episode, Group, Rew
 from forge_lite.grpo.__main__ import main as cli_main
 from forge_lite.grpo.config import GRPOConfig, load_config
 from forge_lite.grpo.loop import MAX_UNIFORM_IN_A_ROW, RolloutWindow, rollout_group
-from forge_lite.grpo.run import run_grpo
+from forge_lite.grpo.run import GRPORun, run_grpo
 from forge_lite.grpo.services import Services
 from forge_lite.grpo.recorder import MetricsRecorder
 
@@ -312,6 +312,34 @@ async def test_a_three_step_run_records_every_step_and_leaves_no_process(tmp_pat
 
     assert await wait_for_children(before) <= before
     assert run_store_dirs() == set()  # the run's own store is gone
+
+
+@pytest.mark.slow
+async def test_a_policy_replica_killed_mid_run_comes_back_and_the_run_goes_on(tmp_path):
+    config = load_config(None, FAST + ["steps=16", "policy.num_replicas=2", "eval_samples=0",
+                                       f"output_dir={tmp_path}", "progress=false"])
+    recorder = MetricsRecorder()
+    run = GRPORun(config, recorder=recorder)
+    await run.start()
+    kills = []
+
+    def kill_after_step_2(record) -> None:
+        if getattr(record, "step", None) == 2 and not kills and hasattr(record, "reward_mean"):
+            # Killed while the rollouts generate and the next sync comes: both
+            # see a replica die under them.
+            kills.append(asyncio.ensure_future(run.services.policy.kill_replica(0)))
+
+    recorder.subscribe(kill_after_step_2)
+    try:
+        result = await run.train()
+        await kills[0]
+        assert [s.step for s in recorder.steps] == list(range(16)) and result.steps_trained == 16
+        # The killed replica came back and serves the run's last version, as the other does.
+        await run.services.policy.wait_for_state(0, "HEALTHY", timeout=60)
+        assert sorted(await run.services.policy.get_version.fanout()) == [16, 16]
+        assert recorder.versions[-1].trainer_version == 16
+    finally:
+        await run.shutdown()
 
 
 @pytest.mark.slow

@@ -46,6 +46,8 @@ from typing import Awaitable, TypeVar
 import torch
 
 from forge_lite.actors.weights import WeightStore
+from forge_lite.controller.service import FanoutError
+from forge_lite.controller.service.replica import ReplicaFailure
 from forge_lite.grpo.checkpoint import save_if_due
 from forge_lite.rl.collate import grpo_collate
 from forge_lite.grpo.config import GRPOConfig
@@ -163,9 +165,9 @@ async def train_loop(
         inputs, targets = grpo_collate(episodes, dp_size=config.trainer.procs)
         seconds: dict[str, float] = {}
         losses = await timed(seconds, "train", s.trainer.train_step.call(inputs, targets))
-        await timed(seconds, "sync", sync_weights(s, store, version + 1))
+        served = await timed(seconds, "sync", sync_weights(s, store, version + 1))
         version += 1
-        recorder.record_versions(step, version, await s.policy.get_version.fanout())
+        recorder.record_versions(step, version, served)
         await record_step(recorder, s, step, version, episodes, first(losses), seconds, window.take())
         await save_if_due(s, config, recorder, step + 1, version)  # every config.checkpoint_every steps
 
@@ -193,16 +195,48 @@ async def next_batch(
         await asyncio.sleep(0.01)
 
 
-async def sync_weights(s: Services, store: WeightStore, version: int) -> None:
+async def sync_weights(s: Services, store: WeightStore, version: int) -> list[int]:
     """The tutorial's weight sync: the trainer publishes ``version``, every
     policy replica loads it; then older versions leave the store (every
-    replica serves the new one, and for a 1.7B model in bf16 each is 3.4 GB)."""
+    replica serves the new one, and for a 1.7B model in bf16 each is 3.4 GB).
+    Returns the version each live replica serves.
+
+    A replica that dies during the sync is left out (``tolerate_lost_replicas``);
+    one that was respawning and joined during the fanout loaded the version
+    before, so it gets this one in a second fanout.
+    """
     await s.trainer.push_weights.call(policy_version=version)
-    await s.policy.update_weights.fanout(policy_version=version)
+    await tolerate_lost_replicas(s.policy.update_weights.fanout(policy_version=version))
+    served = await replica_versions(s)
+    if any(v != version for v in served):
+        await tolerate_lost_replicas(s.policy.update_weights.fanout(policy_version=version))
+        served = await replica_versions(s)
     # An ActorWeightStore drops old versions itself (its server keeps the newest 2).
     if isinstance(store, WeightStore):
         for old in store.versions()[:-1]:
             store.drop(old)
+    return served
+
+
+async def tolerate_lost_replicas(fanout: Awaitable[list]) -> list:
+    """The answers of a fanout to the policy replicas, leaving out a replica
+    that died (or whose host was lost) during it.
+
+    Such a replica is respawned by its service, and a replica that joins a
+    running service loads the newest version itself, so the run goes on. An
+    error an endpoint raised (a bad weight file, say) is raised here.
+    """
+    try:
+        return await fanout
+    except FanoutError as error:
+        if not all(isinstance(failure, ReplicaFailure) for failure in error.failures.values()):
+            raise
+        return [error.results[index] for index in sorted(error.results)]
+
+
+async def replica_versions(s: Services) -> list[int]:
+    """The weight version each live policy replica serves."""
+    return await tolerate_lost_replicas(s.policy.get_version.fanout())
 
 
 def first(values):
