@@ -192,3 +192,24 @@ async def check_the_two_hosts_config_trains_and_every_replica_ends_on_the_last_v
     finally:
         await run.shutdown()
     assert [h.placed for h in cluster.hosts] == [0, 0]
+
+
+def check_the_command_line_runs_the_two_hosts_config_on_the_workers_it_is_given(hosts, tmp_path):
+    # Its own process attaches the workers (no cluster attached here meanwhile).
+    overrides = [o for o in FAST if not o.startswith("steps=")] + [
+        "steps=3", "eval_samples=0", f"output_dir={tmp_path}", "progress=false"]
+    out = subprocess.run(
+        [sys.executable, "-m", "forge_lite.grpo", "--config", TWO_HOSTS,
+         "--cluster", ",".join(hosts.addresses), *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        env={k: v for k, v in os.environ.items() if not k.startswith("FORGE_LITE_")},
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "GRPO: 3 steps in" in out.stdout and "weights: actor" in out.stdout
+    with open(tmp_path / "metrics.jsonl") as metrics:
+        assert sum('"reward_mean"' in line for line in metrics) == 3
+    # The workers are free again: every process the run started there is gone.
+    deadline = time.monotonic() + 20
+    while (hosts.workers[0].children() or hosts.workers[1].children()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not hosts.workers[0].children() and not hosts.workers[1].children()

@@ -15,6 +15,13 @@ one checkpoint), with the checkpoint's config and the overrides given:
 With ``--config`` as well, that file's config is used instead, and it must
 keep the keys that cannot change mid-run (``forge_lite.grpo.checkpoint``).
 
+``--cluster`` attaches the Monarch workers at those addresses first
+(``forge_lite.attach_cluster``; start one on each node with ``python -m
+forge_lite.worker``), so a config's ``placement`` can name their hosts:
+
+    python -m forge_lite.grpo --config configs/grpo_tiny_two_hosts.yaml \
+        --cluster tcp://10.0.0.2:26600,tcp://10.0.0.3:26600
+
 Ctrl-C stops the run; every service and actor is shut down before exit.
 """
 
@@ -24,7 +31,8 @@ import argparse
 import asyncio
 import sys
 
-import forge_lite  # noqa: F401  (before monarch)
+import forge_lite  # before monarch
+from forge_lite.controller.cluster import ClusterError
 from forge_lite.grpo.checkpoint import find_checkpoint, resume_config
 from forge_lite.grpo.config import load_config
 from forge_lite.grpo.run import run_grpo
@@ -39,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                         "with --resume the checkpoint's)")
     parser.add_argument("--resume", metavar="DIR",
                         help="continue the run whose checkpoints are in DIR (its output_dir)")
+    parser.add_argument("--cluster", metavar="ADDRESSES",
+                        help="comma-separated tcp://HOST:PORT of Monarch workers to run on "
+                        "(host0, host1, ... in this order); default: this machine alone")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="settings to change, dotted for nested ones: trainer.lr=1e-5")
     args = parser.parse_args(argv)
@@ -54,12 +65,29 @@ def main(argv: list[str] | None = None) -> int:
             config = resume_config(resume, config)
     except (OSError, ValueError) as error:
         parser.error(str(error))
+    cluster = [address for address in (args.cluster or "").split(",") if address]
     try:
-        asyncio.run(run_grpo(config, resume=resume))
+        asyncio.run(run_on_cluster(config, resume, cluster))
+    except ClusterError as error:  # an address that cannot be reached, other versions...
+        print(f"GRPO: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("GRPO: interrupted; every service was shut down", file=sys.stderr)
         return 130
     return 0
+
+
+async def run_on_cluster(config, resume, cluster: list[str]) -> None:
+    """``run_grpo`` on the workers at ``cluster`` (attached for the run), or on
+    this machine alone when it is empty."""
+    if not cluster:
+        await run_grpo(config, resume=resume)
+        return
+    await forge_lite.attach_cluster(cluster)
+    try:
+        await run_grpo(config, resume=resume)
+    finally:
+        await forge_lite.detach_cluster()
 
 
 if __name__ == "__main__":
