@@ -3,7 +3,13 @@ service. (Child processes find the test modules because the kit gives every
 process it spawns the caller's sys.path, which pytest extended.)"""
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
 import time
+import warnings
+from pathlib import Path
 
 import psutil
 import pytest
@@ -56,3 +62,32 @@ def store(tmp_path_factory):
     from forge_lite.actors.weights import WeightStore
 
     return WeightStore(str(tmp_path_factory.mktemp("weights")))
+
+
+class HostsTestMode(UserWarning):
+    """Which kind of hosts a file's host checks ran on: network namespaces (as
+    root) or loopback workers. Reported in the summary, so no mode passes unseen."""
+
+
+def run_host_checks(test_file: str, timeout: float) -> None:
+    """Run the ``check_*`` functions of ``test_file`` in a fresh pytest process
+    and assert that they passed.
+
+    Monarch fixes its transport (Unix sockets or TCP) at its first call in a
+    process, and hosts with their own network need TCP: in a process of their
+    own, nothing the rest of the suite did with Monarch is in the way, and
+    nothing they do leaks into it. Their ``hosts`` fixture prints
+    ``HOSTS MODE: ...``, reported here as a HostsTestMode warning.
+    """
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+         "-o", "python_functions=check_*", str(Path(test_file).resolve().relative_to(root))],
+        cwd=root, capture_output=True, text=True, timeout=timeout,
+        env={k: v for k, v in os.environ.items() if not k.startswith("FORGE_LITE_")},
+    )
+    mode = re.search(r"^HOSTS MODE: (.*)$", out.stdout, re.MULTILINE)
+    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "no output"
+    warnings.warn(HostsTestMode(f"{Path(test_file).name}: {mode.group(1) if mode else 'unknown'}; {summary}"))
+    assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-3000:]
+    assert mode is not None and " passed" in summary

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
 from monarch.actor import endpoint
 
 import forge_lite
-from conftest import count_children
+from conftest import count_children, run_host_checks
 from forge_lite.controller import ForgeActor
 from forge_lite.controller.actor import processes_of
 from forge_lite.controller.service.events import ReplicaStateChanged
@@ -36,24 +34,10 @@ TWO_HOSTS = os.path.join(CONFIGS, "grpo_tiny_two_hosts.yaml")
 STEPS = 30
 
 
-class GRPOHostsTestMode(UserWarning):
-    """Which kind of hosts the checks ran on (reported, so no mode passes unseen)."""
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_grpo_hosts_in_a_fresh_process():
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-         "-o", "python_functions=check_*", str(Path(__file__).relative_to(ROOT))],
-        cwd=ROOT, capture_output=True, text=True, timeout=280,
-        env={k: v for k, v in os.environ.items() if not k.startswith("FORGE_LITE_")},
-    )
-    mode = re.search(r"^HOSTS MODE: (.*)$", out.stdout, re.MULTILINE)
-    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "no output"
-    warnings.warn(GRPOHostsTestMode(f"{mode.group(1) if mode else 'unknown'}; {summary}"))
-    assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-3000:]
-    assert mode is not None and " passed" in summary
+    run_host_checks(__file__, timeout=280)
 
 
 # ---------------------------------------------------------------- no cluster needed

@@ -12,7 +12,8 @@ Monarch fixes its transport (Unix sockets or TCP) at its first call in a
 process, and hosts with their own network need TCP, so the checks below
 (``check_*``) run in a fresh pytest process of their own, started by
 ``test_hosts_in_a_fresh_process``: nothing the rest of the suite did with
-Monarch can be in the way, and nothing done here can leak into it.
+Monarch can be in the way, and nothing done here can leak into it (see
+conftest.run_host_checks).
 """
 
 from __future__ import annotations
@@ -21,10 +22,7 @@ import asyncio
 import importlib.metadata as metadata
 import os
 import re
-import subprocess
-import sys
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import pytest
 from monarch.actor import current_rank, endpoint
 
 import forge_lite
+from conftest import run_host_checks
 from forge_lite.controller import ForgeActor
 from forge_lite.controller.actor import processes_of
 from forge_lite.controller.cluster import ClusterError
@@ -43,23 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 HOSTS = 3
 
 
-class HostsTestMode(UserWarning):
-    """Which kind of hosts the checks ran on (reported, so no mode passes unseen)."""
-
-
 @pytest.mark.timeout(300)
 def test_hosts_in_a_fresh_process():
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-         "-o", "python_functions=check_*", str(Path(__file__).relative_to(ROOT))],
-        cwd=ROOT, capture_output=True, text=True, timeout=280,
-        env={k: v for k, v in os.environ.items() if not k.startswith("FORGE_LITE_")},
-    )
-    mode = re.search(r"^HOSTS MODE: (.*)$", out.stdout, re.MULTILINE)
-    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "no output"
-    warnings.warn(HostsTestMode(f"{mode.group(1) if mode else 'unknown'}; {summary}"))
-    assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-3000:]
-    assert mode is not None and " passed" in summary
+    run_host_checks(__file__, timeout=280)
 
 
 # ---------------------------------------------------------------- the hosts
