@@ -9,6 +9,9 @@ Side by side in one run, for each model:
   service all on host1;
 - **across hosts, actor**: the publisher and a `WeightServer` on host0, the
   Policy service on host1, versions travelling as Monarch messages;
+- **across hosts, actor, server by the replicas**: the same with the
+  `WeightServer` on host1: the version crosses the link once (the publish),
+  and each replica fetches it on its own host;
 - **raw copy**: the same state dict sent once, as one plain Monarch actor
   message, from the publisher's process to a process on host1: the physical
   limit of a transfer between those hosts on this machine.
@@ -109,6 +112,13 @@ class Publisher(ForgeActor):
         return time.perf_counter() - began
 
     @endpoint
+    async def hello(self, sink) -> None:
+        """A small first message to ``sink``: the first message between two
+        processes opens their connection, and a first one of hundreds of MB
+        was lost twice on this machine under load (Monarch 0.7; both sides idle)."""
+        await sink.take.call_one({})
+
+    @endpoint
     async def send_raw(self, sink) -> float:
         """Seconds to hand the whole state dict to ``sink`` in one message."""
         began = time.perf_counter()
@@ -122,14 +132,29 @@ class Sink(ForgeActor):
         return len(state)
 
 
+STEP_TIMEOUT_S = 300
+
+
+async def bounded(awaitable, what: str):
+    """Await ``awaitable``; TimeoutError naming ``what`` after STEP_TIMEOUT_S
+    (a lost message would otherwise leave the benchmark waiting forever)."""
+    async def wait():
+        return await awaitable
+
+    try:
+        return await asyncio.wait_for(wait(), STEP_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"{what}: no answer in {STEP_TIMEOUT_S} s") from None
+
+
 async def one_round(publisher, policy, store, version: int, replicas: int) -> tuple[float, float]:
     """(publish s, publish + all ``replicas`` loaded s)."""
     began = time.perf_counter()
-    publish_s = await publisher.publish.call_one(store, version)
+    publish_s = await bounded(publisher.publish.call_one(store, version), f"publish v{version}")
     if replicas == 1:
-        await policy.update_weights.route(version)
+        await bounded(policy.update_weights.route(version), f"update_weights.route({version})")
     else:
-        await policy.update_weights.fanout(version)
+        await bounded(policy.update_weights.fanout(version), f"update_weights.fanout({version})")
     return publish_s, time.perf_counter() - began
 
 
@@ -140,8 +165,9 @@ async def measure_model(name: str, model: str, rounds: int) -> dict:
     there = await Publisher.options(on_hosts="host0").as_actor(model)
     sink = await Sink.options(on_hosts="host1").as_actor()
     server = await WeightServer.options(on_hosts="host0").as_actor(keep_last=2)
+    near_server = await WeightServer.options(on_hosts="host1").as_actor(keep_last=2)
     folder = WeightStore(keep_last=2)
-    actor = ActorWeightStore(server)
+    actor, near = ActorWeightStore(server), ActorWeightStore(near_server)
     size = await there.nbytes.call_one()
     print(f"{name}: {size / 1e6:.1f} MB; starting {REPLICAS} replicas for each store", flush=True)
     began = time.perf_counter()
@@ -150,18 +176,24 @@ async def measure_model(name: str, model: str, rounds: int) -> dict:
             engine_config=engine, sampling_config=sampling, weight_store=folder),
         "actor": await Policy.options(num_replicas=REPLICAS, on_hosts="host1").as_service(
             engine_config=engine, sampling_config=sampling, weight_store=actor),
+        "near": await Policy.options(num_replicas=REPLICAS, on_hosts="host1").as_service(
+            engine_config=engine, sampling_config=sampling, weight_store=near),
     }
     print(f"  services up in {time.perf_counter() - began:.0f} s", flush=True)
+    for publisher in (here, there):
+        await bounded(publisher.hello.call_one(sink), "hello")
     samples: dict[str, list[float]] = {}
     try:
         version = 0
         # A warm-up round, not counted: the first message between two
         # processes also opens their connection.
         for _ in range(-1, rounds):
-            samples.setdefault("raw", []).append(await there.send_raw.call_one(sink))
-            samples.setdefault("raw_one_host", []).append(await here.send_raw.call_one(sink))
+            samples.setdefault("raw", []).append(await bounded(there.send_raw.call_one(sink), "raw copy"))
+            samples.setdefault("raw_one_host", []).append(
+                await bounded(here.send_raw.call_one(sink), "raw copy on host1"))
             for replicas in (1, REPLICAS):
-                for kind, publisher, store in (("folder", here, folder), ("actor", there, actor)):
+                for kind, publisher, store in (("folder", here, folder), ("actor", there, actor),
+                                               ("near", there, near)):
                     version += 1
                     publish_s, total_s = await one_round(publisher, policies[kind], store, version, replicas)
                     samples.setdefault(f"{kind}_{replicas}", []).append(total_s)
@@ -177,6 +209,7 @@ async def measure_model(name: str, model: str, rounds: int) -> dict:
         for handle in (here, there, sink):
             await ForgeActor.shutdown(handle)
         await WeightServer.shutdown(server)
+        await WeightServer.shutdown(near_server)
         folder.close()
     medians = {key: statistics.median(values) for key, values in samples.items()}
     return {"model": name, "mb": size / 1e6, "rounds": rounds, "median_s": medians, "samples_s": samples}
@@ -193,7 +226,8 @@ def table(results: list[dict], mode: str) -> str:
         lines.append(f"{'':<12} {'':>7}  {'raw copy on host1':<26} "
                      f"{m['raw_one_host']:7.3f} s {mb / m['raw_one_host']:5.0f} MB/s")
         for kind, label, raw in (("folder", "one host, folder", m["raw_one_host"]),
-                                 ("actor", "across hosts, actor", m["raw"])):
+                                 ("actor", "across, server by trainer", m["raw"]),
+                                 ("near", "across, server by replicas", m["raw"])):
             one, four = m[f"{kind}_1"], m[f"{kind}_{REPLICAS}"]
             lines.append(
                 f"{'':<12} {'':>7}  {label:<26} {one:7.3f} s {mb / one:5.0f} MB/s "
@@ -202,7 +236,7 @@ def table(results: list[dict], mode: str) -> str:
             )
     lines.append("vs raw: the 1-replica rate as a share of the raw copy's between the same hosts "
                  "(target across hosts >= 70%); 4/1: target <= 2; publish: of the 1-replica time, "
-                 "the publisher's aput (to the folder, or to the server on its own host)")
+                 "the publisher's aput (to the folder, or to the server)")
     return "\n".join(lines)
 
 

@@ -44,7 +44,7 @@ import forge_lite
 from forge_lite.actors.engines import SamplingConfig, make_engine
 from forge_lite.actors.policy import Policy
 from forge_lite.actors.trainer import RLTrainer
-from forge_lite.actors.weight_server import ActorWeightStore, WeightServer
+from forge_lite.actors.weight_server import ActorWeightStore, open_weight_store
 from forge_lite.assets import DEFAULT_MODEL
 from forge_lite.controller import ForgeActor
 from forge_lite.rl.loss import grpo_loss
@@ -166,12 +166,11 @@ async def check_weights_travel_from_the_trainer_host_to_the_policy_host(hosts):
 
     mark("hosts started")
     await forge_lite.attach_cluster(hosts.addresses, client_address=hosts.client_address)
-    server = trainer = policy = None
+    store = trainer = policy = None
     try:
         # The server and the trainer on host0, the Policy on host1.
-        server, on, server_pid = await started(hosts, WeightServer.options(on_hosts="host0").as_actor(keep_last=2))
-        assert on == 0
-        store = ActorWeightStore(server)
+        store, on, server_pid = await started(hosts, open_weight_store("actor", on_hosts="host0"))
+        assert on == 0 and isinstance(store, ActorWeightStore)
         trainer, on, trainer_pid = await started(hosts, start_trainer(store))
         assert on == 0
         # Each host has its own temporary folder: no path of the other.
@@ -258,7 +257,8 @@ async def check_weights_travel_from_the_trainer_host_to_the_policy_host(hosts):
     finally:
         if policy is not None:
             await policy.shutdown()
-        for actor, cls in ((trainer, RLTrainer), (server, WeightServer)):
-            if actor is not None:
-                await cls.shutdown(actor)
+        if trainer is not None:
+            await RLTrainer.shutdown(trainer)
+        if store is not None:
+            await store.aclose()  # stops the server
         await forge_lite.detach_cluster()

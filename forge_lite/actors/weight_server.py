@@ -11,6 +11,11 @@ The trainer `aput`s a state dict (one message from the trainer to the server);
 each Policy replica `aget`s it (one message from the server to the replica).
 A state dict of CPU tensors pickles as its raw bytes: Monarch moved 50 MB in
 about 0.1 s on this project's 2-core machine (measured with Monarch 0.7).
+The replicas of a service fetch at the same time (`get` is a concurrent
+endpoint), so every replica's bytes leave the server at once, not one
+replica after another. Each replica still receives its own copy: placed on
+the replicas' host (``open_weight_store(on_hosts=...)``), the server makes a
+version cross the network once, when it is published.
 
 A GRPO run picks its store with the config's ``weights`` setting through
 `open_weight_store` ("auto": this actor store when the cluster has more than
@@ -184,20 +189,24 @@ def weight_store_kind(kind: str = "auto") -> str:
     return "actor" if len(cluster.current().hosts) > 1 else "files"
 
 
-async def open_weight_store(kind: str = "auto", keep_last: int | None = None):
+async def open_weight_store(kind: str = "auto", keep_last: int | None = None, on_hosts=None):
     """A new store for one run: a ``WeightStore`` in a fresh temporary folder
     (``kind="files"``) or a ``WeightServer`` actor and its client
     (``kind="actor"``); ``"auto"`` picks as ``weight_store_kind`` says.
 
     ``keep_last``: versions kept (None: every version for the folder, 2 for
-    the actor, whose versions take memory). Close it with ``await store.aclose()``.
-    Raises ValueError for an unknown kind.
+    the actor, whose versions take memory). ``on_hosts``: where the server
+    runs (as ``options(on_hosts=...)``; None: the least-occupied host). On
+    the Policy replicas' host, a version crosses the network once, when it is
+    published, and each replica fetches it without leaving its host
+    (benchmarks/weights.py measures both placements).
+    Close it with ``await store.aclose()``. Raises ValueError for an unknown kind.
     """
     from forge_lite.actors.weights import WeightStore
 
     if weight_store_kind(kind) == "files":
         return WeightStore(keep_last=keep_last)
-    handle = await WeightServer.options(procs=1).as_actor(keep_last=keep_last or 2)
+    handle = await WeightServer.options(procs=1, on_hosts=on_hosts).as_actor(keep_last=keep_last or 2)
     return ActorWeightStore(handle, owned=True)
 
 
