@@ -27,7 +27,10 @@ copy rate; 4 replicas <= 2x the time of 1.
 The hosts are ``forge_lite.worker.LocalHosts`` (as root: network namespaces,
 a real network hop; else loopback workers). The "Qwen3-0.6B" model is random,
 built from its shape with transformers (nothing is downloaded); ``--shape``
-picks a smaller one when 0.6B does not fit. Prints a table and writes
+picks a smaller one when 0.6B does not fit. On the 2-core, 23 GB machine
+this was written on, 0.6B (1.2 GB) did not: three 4-replica services and
+their copies in flight need ~20 GB; ``--shape quarter`` (7 layers, 298 MB)
+ran in about 6 minutes and left 2.4 GB free at its peak. Prints a table and writes
 ``benchmarks/results/weights.json``.
 """
 
@@ -113,9 +116,9 @@ class Publisher(ForgeActor):
 
     @endpoint
     async def hello(self, sink) -> None:
-        """A small first message to ``sink``: the first message between two
-        processes opens their connection, and a first one of hundreds of MB
-        was lost twice on this machine under load (Monarch 0.7; both sides idle)."""
+        """A small first message to ``sink``: it opens the connection between
+        the two processes, and a host-to-host link that does not work shows
+        up here, named by ``bounded``, before any timing starts."""
         await sink.take.call_one({})
 
     @endpoint
