@@ -106,7 +106,8 @@ NOT_MATCHED = [
      "uniform group's advantages are 0, so it adds no gradient but still counts in the mean over 32 "
      "sequences (the step is scaled down by the uniform share)"),
     ("asynchrony and staleness",
-     "forge_lite's rollouts run beside training (2 rollout tasks, max_policy_age 1): a batch may have "
+     "forge_lite's rollouts run beside training (one rollout loop, 6 prompts at a time, max_policy_age "
+     "1): a batch may have "
      "been sampled by weights one version old, and is treated as on-policy (no importance ratio); "
      "TRL generates, then trains, with the same weights: strictly on-policy and sequential"),
     ("learning-rate schedule shape",
@@ -134,12 +135,14 @@ NOT_MATCHED = [
     ("processes and threads",
      "forge_lite runs 7 processes besides this one, with 1 torch thread each (threads_per_process: 1); "
      "TRL runs in this one process with torch's default thread count (one per core)"),
-    ("padding in the trainer",
-     "forge_lite left-pads every prompt to data.request_len (96) tokens; TRL pads to the longest "
-     "prompt of the batch. Masked either way: the numbers are the same, the compute is not"),
+    ("the trainer's forward pass",
+     "forge_lite runs each of a step's 4 prompts once and the 8 responses of its group on a copy of "
+     "its KV cache (forge_lite.actors.hf_model.response_logits), on columns that are not padding in "
+     "every row; TRL runs each of the 32 prompt-and-completion rows whole, padded to the batch's "
+     "longest. The logprobs and gradients are the same (to float rounding), the compute is not"),
     ("time during evaluations",
      "both clocks leave the evaluations out; forge_lite's training loop waits and no new rollout "
-     "starts, but the (at most 2) groups already being generated finish during the evaluation"),
+     "starts, but the (at most 6) groups already being generated finish during the evaluation"),
 ]
 
 if __doc__:
