@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import re
 import shutil
 import signal
 import socket
@@ -221,7 +222,7 @@ class LocalHosts:
         self.count = count
         self.namespaces = can_make_namespaces() if namespaces is None else namespaces
         tag = os.getpid() % 100000
-        self.subnet = f"10.{200 + os.getpid() % 50}"
+        self.subnet = _free_subnet() if self.namespaces else "127.0"
         self._ns = [f"fl{tag}h{i}" for i in range(count)]
         self._veth = [f"flv{tag}x{i}" for i in range(count)]
         self._made: list[str] = []  # namespaces and addresses to take down in stop()
@@ -333,7 +334,11 @@ class LocalHosts:
                 subprocess.run(["ip", "addr", "del", f"{self.subnet}.250.1/32", "dev", "lo"], capture_output=True)
                 continue
             if made == "ip-forward":
-                _IP_FORWARD.write_text("0")
+                # Turned back off only when no other LocalHosts (another test
+                # process, a notebook) still routes between its namespaces:
+                # theirs would lose every host-to-host message, silently.
+                if not _namespaces_in_use():
+                    _IP_FORWARD.write_text("0")
                 continue
             out = subprocess.run(["ip", "netns", "pids", made], capture_output=True, text=True).stdout
             for pid in out.split():
@@ -363,6 +368,26 @@ def can_make_namespaces() -> bool:
 
 
 _IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+_NAMESPACE_NAME = re.compile(r"^fl\d+h\d+\b")  # LocalHosts' namespaces: fl<pid>h<host>
+
+
+def _namespaces_in_use() -> bool:
+    """Whether any LocalHosts' network namespace exists on this machine."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return any(_NAMESPACE_NAME.match(line) for line in out.splitlines())
+
+
+def _free_subnet() -> str:
+    """``"10.N"`` for an N in 200-249 that no address on this machine uses: two
+    LocalHosts at once (two test processes) must not share one."""
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    used = {int(m.group(1)) for m in re.finditer(r"inet 10\.(\d+)\.", out)}
+    start = os.getpid() % 50  # processes started together try different ones first
+    for offset in range(50):
+        second = 200 + (start + offset) % 50
+        if second not in used:
+            return f"10.{second}"
+    raise RuntimeError("every subnet 10.200-10.249 is in use on this machine; stop other LocalHosts first")
 
 
 def _ip(*args: str) -> None:

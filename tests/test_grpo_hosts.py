@@ -165,6 +165,8 @@ async def check_the_two_hosts_config_trains_and_every_replica_ends_on_the_last_v
         assert all(set(r.pids) <= on_host1 for r in run.services.policy.replicas)
         assert set(processes_of(run.services.trainer).pids) <= on_host0
         assert isinstance(run.store, ActorWeightStore)  # no folder is shared between the hosts
+        # Its server sits with the policy replicas: a version crosses the network once.
+        assert set(processes_of(run.store.handle).pids) <= on_host1
 
         result = await run.train()
 

@@ -27,13 +27,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import re
 import signal
-import subprocess
-import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -41,6 +37,7 @@ import torch
 from monarch.actor import endpoint
 
 import forge_lite
+from conftest import run_host_checks
 from forge_lite.actors.engines import SamplingConfig, make_engine
 from forge_lite.actors.policy import Policy
 from forge_lite.actors.trainer import RLTrainer
@@ -55,23 +52,9 @@ GREEDY = {"n": 1, "temperature": 0.0, "max_tokens": 16}
 PROBE = "What is 12 + 30?"
 
 
-class WeightsHostsMode(UserWarning):
-    """Which kind of hosts the checks ran on (reported, so no mode passes unseen)."""
-
-
 @pytest.mark.timeout(400)
 def test_weights_across_hosts_in_a_fresh_process():
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-         "-o", "python_functions=check_*", str(Path(__file__).relative_to(ROOT))],
-        cwd=ROOT, capture_output=True, text=True, timeout=380,
-        env={k: v for k, v in os.environ.items() if not k.startswith("FORGE_LITE_")},
-    )
-    mode = re.search(r"^HOSTS MODE: (.*)$", out.stdout, re.MULTILINE)
-    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "no output"
-    warnings.warn(WeightsHostsMode(f"{mode.group(1) if mode else 'unknown'}; {summary}"))
-    assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-3000:]
-    assert mode is not None and " passed" in summary
+    run_host_checks(__file__, timeout=380)
 
 
 # ---------------------------------------------------------------- the hosts
@@ -84,12 +67,6 @@ class HostsWithOwnFolders(LocalHosts):
     def __init__(self, count: int):
         super().__init__(count)
         self.folders = [tempfile.mkdtemp(prefix=f"fl_host{i}_") for i in range(count)]
-        if self.namespaces:
-            # LocalHosts picks its subnet from the pid; another process's
-            # hosts may hold that one right now: take a free one instead.
-            used = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
-            self.subnet = next(f"10.{n}" for n in range(200, 250) if f" 10.{n}." not in used)
-            self.client_address = f"tcp://{self.subnet}.250.1:0"
 
     def _new_worker(self, i: int):
         worker = super()._new_worker(i)
