@@ -222,7 +222,7 @@ class LocalHosts:
         self.count = count
         self.namespaces = can_make_namespaces() if namespaces is None else namespaces
         tag = os.getpid() % 100000
-        self.subnet = _free_subnet() if self.namespaces else "127.0"
+        self.subnet = _free_subnet() if self.namespaces else None  # "10.N": the hosts' addresses
         self._ns = [f"fl{tag}h{i}" for i in range(count)]
         self._veth = [f"flv{tag}x{i}" for i in range(count)]
         self._made: list[str] = []  # namespaces and addresses to take down in stop()
