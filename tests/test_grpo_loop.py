@@ -270,6 +270,19 @@ def finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def test_the_summary_prints_a_tiny_negative_mean_as_zero(tmp_path):
+    from forge_lite.grpo.results import GRPOResult
+
+    recorder = MetricsRecorder()
+    for step, loss in enumerate([-1e-9, -2e-9]):
+        recorder.record_step(step=step, reward_mean=0.5, accuracy=0.5, loss=loss, kl=0.0, trainer_version=step + 1,
+                             episode_ages=(1,), buffer_size=0, tokens_per_s=100.0, step_time_s=0.1)
+    result = GRPOResult(config=GRPOConfig(), recorder=recorder, eval_accuracy_before=None,
+                        eval_accuracy_after=None, startup_s=1.0, train_s=0.2, wall_s=1.2, output_dir=str(tmp_path))
+    (loss_line,) = [line for line in result.summary().splitlines() if line.startswith("loss")]
+    assert loss_line.split() == ["loss", "0.0000", "0.0000"]
+
+
 @pytest.mark.slow
 async def test_a_three_step_run_records_every_step_and_leaves_no_process(tmp_path, monkeypatch):
     before = count_children()

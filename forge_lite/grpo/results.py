@@ -71,7 +71,8 @@ class GRPOResult:
             ("loss", "loss", 4), ("kl", "KL to the reference", 4),
             ("tokens_per_s", "rollout tokens/s", 0), ("step_time_s", "seconds/step", 2),
         ):
-            first, last = self.first_last(name, k)
+            # Rounded first, then + 0.0: a tiny negative mean would print as "-0.0000".
+            first, last = (round(value, digits) + 0.0 for value in self.first_last(name, k))
             lines.append(f"{label:24}{first:10.{digits}f}{last:10.{digits}f}")
         ages = [a for s in self.recorder.steps for a in s.episode_ages]
         lines.append(f"{'episode age (versions)':24}{'mean ' + format(sum(ages) / len(ages), '.2f'):>20}"
