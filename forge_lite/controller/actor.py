@@ -173,7 +173,7 @@ class ForgeActor(Actor):
             "with_gpus": cls.with_gpus if with_gpus is None else bool(with_gpus),
             "num_replicas": cls.num_replicas if num_replicas is None else num_replicas,
             "mesh_name": cls.mesh_name if mesh_name is None else mesh_name,
-            "on_hosts": cls.on_hosts if on_hosts is None else _host_names(on_hosts),
+            "on_hosts": cls.on_hosts if on_hosts is None else host_names(on_hosts),
         }
         for key in ("procs", "num_replicas"):
             value = layout[key]
@@ -260,7 +260,7 @@ class ForgeActor(Actor):
             await _procs.stop_processes(entry[1])
 
 
-def _host_names(on_hosts) -> tuple:
+def host_names(on_hosts) -> tuple:
     """``on_hosts`` as a tuple of host names and indices; ValueError otherwise."""
     names = (on_hosts,) if isinstance(on_hosts, (str, int)) else on_hosts
     if not isinstance(names, (list, tuple)) or not names or any(

@@ -27,6 +27,7 @@ import yaml
 
 from forge_lite.actors.trainer import TrainingConfig
 from forge_lite.actors.weight_server import WEIGHT_STORE_KINDS
+from forge_lite.controller.actor import host_names
 from forge_lite.controller.service.router import ROUTERS
 from forge_lite.data.rewards import REWARD_FUNCTIONS
 from forge_lite.envs.actor import ENVIRONMENTS
@@ -172,9 +173,7 @@ class PlacementConfig:
     def hosts(self, component: str) -> tuple | None:
         """The hosts named for ``component`` as a tuple (None: the kit spreads it)."""
         names = getattr(self, component)
-        if names is None:
-            return None
-        return tuple(names) if isinstance(names, list) else (names,)
+        return None if names is None else host_names(names)
 
 
 @dataclass
@@ -285,12 +284,12 @@ class GRPOConfig:
         if self.policy.router not in ROUTERS:
             raise ValueError(f"policy.router must be one of {sorted(ROUTERS)}, got {self.policy.router!r}")
         for component in PLACED_COMPONENTS:
-            names = self.placement.hosts(component)
-            if names is not None and (not names or any(
-                    isinstance(n, bool) or not isinstance(n, (str, int)) or isinstance(n, int) and n < 0
-                    for n in names)):
-                raise ValueError(f"placement.{component} must be a host name (host1), an index >= 0, "
-                                 f"or a non-empty list of them; got {getattr(self.placement, component)!r}")
+            value = getattr(self.placement, component)
+            if value is not None:
+                try:
+                    host_names(value)  # the check options(on_hosts=...) makes
+                except ValueError as error:
+                    raise ValueError(f"placement.{component}: {error}") from None
         unknown = [f for f in self.reward.functions if f not in REWARD_FUNCTION_NAMES]
         if unknown or not self.reward.functions:
             raise ValueError(
