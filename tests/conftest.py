@@ -91,3 +91,14 @@ def run_host_checks(test_file: str, timeout: float) -> None:
     warnings.warn(HostsTestMode(f"{Path(test_file).name}: {mode.group(1) if mode else 'unknown'}; {summary}"))
     assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-3000:]
     assert mode is not None and " passed" in summary
+
+
+def started_hosts(request, hosts):
+    """Start ``hosts`` (a ``LocalHosts``) for a test module's ``hosts`` fixture:
+    stopped when the module ends, even after a failed check (LocalHosts.start
+    also registers stop() at exit, for a pytest that is killed), and its mode
+    printed for run_host_checks to report."""
+    request.addfinalizer(hosts.stop)
+    hosts.start()
+    print(f"\nHOSTS MODE: {hosts.mode}", flush=True)
+    return hosts

@@ -22,7 +22,7 @@ import pytest
 from monarch.actor import endpoint
 
 import forge_lite
-from conftest import count_children, run_host_checks
+from conftest import count_children, run_host_checks, started_hosts
 from forge_lite.controller import ForgeActor
 from forge_lite.controller.actor import processes_of
 from forge_lite.controller.service.events import ReplicaStateChanged
@@ -81,11 +81,7 @@ class Where(ForgeActor):
 @pytest.fixture(scope="module")
 def hosts(request):
     """Two hosts: network namespaces as root, else loopback workers (see LocalHosts)."""
-    made = LocalHosts(2)
-    request.addfinalizer(made.stop)
-    made.start()
-    print(f"\nHOSTS MODE: {made.mode}", flush=True)
-    return made
+    return started_hosts(request, LocalHosts(2))
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ import pytest
 from monarch.actor import current_rank, endpoint
 
 import forge_lite
-from conftest import run_host_checks
+from conftest import run_host_checks, started_hosts
 from forge_lite.controller import ForgeActor
 from forge_lite.controller.actor import processes_of
 from forge_lite.controller.cluster import ClusterError
@@ -53,13 +53,7 @@ def test_hosts_in_a_fresh_process():
 @pytest.fixture(scope="module")
 def hosts(request):
     """HOSTS hosts: network namespaces as root, else loopback workers (see LocalHosts)."""
-    made = LocalHosts(HOSTS)
-    # A finalizer runs even when a check fails; LocalHosts.start also
-    # registers stop() at exit, for a pytest that is killed.
-    request.addfinalizer(made.stop)
-    made.start()
-    print(f"\nHOSTS MODE: {made.mode}", flush=True)
-    return made
+    return started_hosts(request, LocalHosts(HOSTS))
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ import torch
 from monarch.actor import endpoint
 
 import forge_lite
-from conftest import run_host_checks
+from conftest import run_host_checks, started_hosts
 from forge_lite.actors.engines import SamplingConfig, make_engine
 from forge_lite.actors.policy import Policy
 from forge_lite.actors.trainer import RLTrainer
@@ -76,11 +76,7 @@ class HostsWithOwnFolders(LocalHosts):
 
 @pytest.fixture(scope="module")
 def hosts(request):
-    made = HostsWithOwnFolders(2)
-    request.addfinalizer(made.stop)
-    made.start()
-    print(f"\nHOSTS MODE: {made.mode}", flush=True)
-    return made
+    return started_hosts(request, HostsWithOwnFolders(2))
 
 
 class Folder(ForgeActor):
