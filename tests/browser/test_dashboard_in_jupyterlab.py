@@ -19,6 +19,7 @@ browser on these machines. Without Chromium the tests skip, except in CI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -192,6 +193,16 @@ def assert_live(board) -> None:
     assert board.locator("button", has_text="kill").is_enabled()
 
 
+@contextlib.contextmanager
+def screenshot_on_failure(page, name: str):
+    """Save the whole page as ARTIFACTS/``name`` if the block fails, then fail."""
+    try:
+        yield
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+        raise
+
+
 def snap(locator, name: str) -> str:
     path = ARTIFACTS / name
     # JupyterLab's "notified about official Jupyter news?" toast would sit on the picture.
@@ -206,7 +217,7 @@ def snap(locator, name: str) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_kill_button_shows_failed_then_healthy(lab, page):
-    try:
+    with screenshot_on_failure(page, "service_dashboard_failure.png"):
         run_all(page, lab.url("dashboard.ipynb"))
         page.wait_for_selector(".fl-replica >> nth=1", timeout=180_000)
         assert page.locator(".fl-replica-healthy").count() == 2
@@ -215,30 +226,24 @@ def test_kill_button_shows_failed_then_healthy(lab, page):
         page.wait_for_selector(".fl-replica[data-replica='0'][data-state='HEALTHY']", timeout=60_000)
         assert "respawned in" in page.locator(".fl-replica[data-replica='0']").text_content()
         snap(dashboard(page, "Echo service"), "service_dashboard.png")
-    except Exception:
-        page.screenshot(path=str(ARTIFACTS / "service_dashboard_failure.png"), full_page=True)
-        raise
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_after_run_all_the_dashboards_of_01_and_02_are_live(lab, page):
     # 01: the policy's dashboard, after the kill in section 6 and everything after it.
-    try:
+    with screenshot_on_failure(page, "01_failure.png"):
         run_all(page, lab.url("notebooks/01_rl_fundamentals.ipynb"))
         wait_for_the_last_cell(page, 300)
         policy = dashboard(page, "Policy service")
         assert_live(policy)
         assert "KV cache" not in policy.text_content()  # 01 has not taught the KV cache yet
         snap(policy, "01_policy_dashboard.png")
-    except Exception:
-        page.screenshot(path=str(ARTIFACTS / "01_failure.png"), full_page=True)
-        raise
     lab.shut_down_kernels()
 
     # 02: the slow reward service of section 11 and the counter of the exercises stay up; the
     # policy of section 3 was stopped by section 13, which starts the whole job anew.
-    try:
+    with screenshot_on_failure(page, "02_failure.png"):
         run_all(page, lab.url("notebooks/02_services.ipynb"))
         wait_for_the_last_cell(page, 400)
         for title in ("RewardActor service", "ForgeCounter service"):
@@ -255,15 +260,12 @@ def test_after_run_all_the_dashboards_of_01_and_02_are_live(lab, page):
         policy = dashboard(page, "Policy service")
         assert "KV cache" in policy.text_content()  # section 7 measured it
         snap(policy, "02_policy_dashboard.png")
-    except Exception:
-        page.screenshot(path=str(ARTIFACTS / "02_failure.png"), full_page=True)
-        raise
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_04_training_dashboard_shows_progress_and_the_held_out_accuracy(lab, page):
-    try:
+    with screenshot_on_failure(page, "04_failure.png"):
         run_all(page, lab.url("notebooks/04_grpo_end_to_end.ipynb"))
         header = page.locator(".fl-training-header")
         # While it trains: step N of the total and the held-out accuracy measured before.
@@ -279,6 +281,3 @@ def test_04_training_dashboard_shows_progress_and_the_held_out_accuracy(lab, pag
         snap(training, "04_training_dashboard.png")
         wait_for_the_last_cell(page, 400)
         snap(dashboard(page, "Policy service"), "04_policy_dashboard.png")
-    except Exception:
-        page.screenshot(path=str(ARTIFACTS / "04_failure.png"), full_page=True)
-        raise
