@@ -1,8 +1,15 @@
 """The actor-backed weight store (`WeightServer` + `ActorWeightStore`) on real
-Monarch processes: versions travel as actor messages, not through a folder.
+Monarch processes: versions stay in the publisher's memory and travel as
+actor messages; a host shares one fetch among its replicas through a file.
 
 - The server keeps the newest K versions; asking for a dropped one is a
   KeyError that names the versions held.
+- A version's copy and its file form keep every tensor exactly (dtypes,
+  shapes, tied tensors stored once).
+- Four processes on one host that ask for a version at once fetch it once;
+  one alone writes no file; the last to leave deletes the folder.
+- A version whose holder died is a RuntimeError after HOLDER_TIMEOUT_S, not
+  a wait forever.
 - The client pickles with its actor handle: an actor that receives it as an
   argument calls the server itself.
 - A trainer pushes v1, v2, v3; a 2-replica Policy service updated to v3
@@ -17,13 +24,15 @@ import functools
 
 import pytest
 import torch
-from monarch.actor import endpoint
+from monarch.actor import concurrent_endpoint, endpoint
 from test_engines import build_tiny_qwen3, perturbed
 from test_weight_runs import train_step
 
 from forge_lite.actors.engines import make_engine
 from forge_lite.actors.policy import Policy
 from forge_lite.actors.trainer import RLTrainer
+from forge_lite.actors import weight_server
+from forge_lite.actors.host_cache import HostCache, _map, _write_tensors, host_cache, snapshot, unpack
 from forge_lite.actors.weight_server import ActorWeightStore, WeightServer
 from forge_lite.actors.weights import WeightStore
 from forge_lite.assets import DEFAULT_MODEL
@@ -86,6 +95,135 @@ async def test_an_actor_handed_the_store_calls_the_server_itself(server):
         await Reader.shutdown(reader)
 
 
+def test_a_snapshot_and_its_file_form_keep_every_tensor(tmp_path):
+    embed = torch.randn(7, 3)
+    state = {
+        "embed": embed,
+        "lm_head": embed,  # tied: the same tensor under two names
+        "bf16": torch.randn(5, 2).to(torch.bfloat16),
+        "transposed": torch.arange(12, dtype=torch.float32).reshape(3, 4).t(),  # not contiguous
+        "steps": torch.tensor(41, dtype=torch.int64),  # 0-dim
+        "mask": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+    }
+    published = embed.clone()
+    copies, layout = snapshot(state)
+    embed += 1  # the next optimizer step: a published version must not change
+    assert [slot.name for slot in layout] == list(state)
+    assert copies["embed"] is copies["lm_head"]  # copied once
+    assert layout[0].offset == layout[1].offset  # and stored once
+    assert all(slot.offset % 64 == 0 for slot in layout)
+    expected = {**state, "embed": published, "lm_head": published}
+    for name, tensor in expected.items():
+        assert copies[name].dtype == tensor.dtype and torch.equal(copies[name], tensor), name
+
+    path = tmp_path / "v1.bin"
+    with open(path, "wb") as file:
+        _write_tensors(file, copies, layout)
+    loaded = unpack(_map(path), layout)
+    assert list(loaded) == list(state)
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape, name
+        assert torch.equal(loaded[name], tensor), name
+    # The file holds the tied tensor once: its size is what the distinct tensors need.
+    assert path.stat().st_size < sum(t.numel() * t.element_size() + 64 for t in state.values())
+
+
+class SlowSource(ForgeActor):
+    """Answers a fetch after a second, and counts the fetches: the replicas
+    that ask meanwhile must wait for the first one's file, not fetch."""
+
+    def __init__(self):
+        self.fetches = 0
+
+    @concurrent_endpoint
+    async def get(self, version: int) -> dict[str, torch.Tensor]:
+        self.fetches += 1
+        await asyncio.sleep(1.0)
+        return {"w": torch.full((1000,), float(version)), "b": torch.arange(10)}
+
+    @endpoint
+    async def count(self) -> int:
+        return self.fetches
+
+
+class CacheUser(ForgeActor):
+    """Loads versions through this host's cache, in its own process."""
+
+    @endpoint
+    async def load(self, store_id: str, version: int, source) -> list:
+        cache = host_cache(store_id, keep_last=2)
+        _, layout = snapshot({"w": torch.zeros(1000), "b": torch.arange(10)})
+        state = await cache.load(version, "ab12", layout, lambda: source.get.call_one(version))
+        await cache.flush()
+        self.cache = cache
+        return [state["w"].sum().item(), state["b"].tolist(), sorted(p.name for p in cache.folder.glob("v*"))]
+
+    @endpoint
+    async def leave(self) -> None:
+        await self.cache.leave()
+
+
+async def test_the_replicas_of_a_host_fetch_a_version_once_and_share_its_file():
+    import uuid
+
+    store_id = uuid.uuid4().hex[:16]
+    source = await SlowSource.options(procs=1).as_actor()
+    users = await CacheUser.options(procs=4).as_actor()
+    lone = await CacheUser.options(procs=1).as_actor()
+    folder = HostCache(store_id, keep_last=2).folder
+    try:
+        # Four processes ask for version 1 at once: one fetch, one file.
+        answers = await users.load.call(store_id, 1, source)
+        assert [a for _, a in answers.items()] == [[1000.0, list(range(10)), ["v1-ab12.bin"]]] * 4
+        assert await source.count.call_one() == 1
+        # One process alone asks for version 2: it fetches and writes no file.
+        assert await lone.load.call_one(store_id, 2, source) == [2000.0, list(range(10)), ["v1-ab12.bin"]]
+        assert await source.count.call_one() == 2
+        # A file that exists is read, not fetched again.
+        assert (await lone.load.call_one(store_id, 1, source))[0] == 1000.0
+        assert await source.count.call_one() == 2
+        # The folder stays while any process uses it; the last one out deletes it.
+        await users.leave.call()
+        assert folder.exists()
+        await lone.leave.call_one()
+        assert not folder.exists()
+    finally:
+        for handle in (source, users, lone):
+            await ForgeActor.shutdown(handle)
+
+
+class Publisher(ForgeActor):
+    @endpoint
+    async def publish(self, store, version: int) -> int:
+        await store.aput(version, {"w": torch.ones(4)})
+        return __import__("os").getpid()
+
+
+async def test_a_version_whose_holder_died_is_an_error_not_a_wait(server, monkeypatch):
+    import os
+    import signal
+    import time
+
+    store = ActorWeightStore(server)
+    publisher = await Publisher.options(procs=1).as_actor()
+    try:
+        pid = await publisher.publish.call_one(store, 11)
+        assert (await store.aget(11))["w"].sum().item() == 4.0  # its holder answers while it lives
+        assert not list(store.cache.folder.glob("v11-*"))  # fetched alone: no file on this host
+        os.kill(pid, signal.SIGKILL)
+        monkeypatch.setattr(weight_server, "HOLDER_TIMEOUT_S", 2.0)
+        began = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"weight version 11 is held only by the process that "
+                                               r"published it .* did not answer in 2 s"):
+            await store.aget(11)
+        assert time.monotonic() - began < 30
+        assert 11 in await store.aversions()  # still listed: a new publish replaces it
+    finally:
+        await Publisher.shutdown(publisher)
+        await store.aclose()
+
+
 async def test_keep_last_below_one_is_refused():
     with pytest.raises(Exception, match="keep_last must be an int >= 1"):
         await WeightServer.options(procs=1).as_actor(keep_last=0)
@@ -120,8 +258,11 @@ async def run_store(request):
         store.close()
         return
     handle = await WeightServer.options(procs=1).as_actor(keep_last=2)
-    yield ActorWeightStore(handle)
+    store = ActorWeightStore(handle)
+    yield store
     await WeightServer.shutdown(handle)
+    # The replicas' host folder went with the last replica that stopped.
+    assert not HostCache(store.id, 2).folder.exists()
 
 
 @pytest.mark.slow
@@ -215,7 +356,7 @@ async def test_a_grpo_run_with_weights_actor_syncs_through_the_server(tmp_path, 
                          FAST + ["weights=actor", f"output_dir={tmp_path}", "progress=false"])
     recorder = MetricsRecorder()
     await run_grpo(config, recorder=recorder)
-    assert "weights travel as Monarch messages through a WeightServer actor" in capsys.readouterr().out
+    assert "weights travel as Monarch messages from the trainer's memory" in capsys.readouterr().out
     assert recorder.status.weights == "actor (Monarch messages)"  # what the dashboard's header shows
     assert [(v.trainer_version, v.replica_versions) for v in recorder.versions] == [
         (1, (1,)), (2, (2,)), (3, (3,))

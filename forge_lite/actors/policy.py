@@ -131,6 +131,13 @@ class Policy(ForgeActor):
             weights = await self.weight_store.aget(start_version)
             self.engine.load_weights(weights, version=start_version)
 
+    async def __cleanup__(self, exc: Exception | None) -> None:
+        # Monarch calls this when the replica stops. The actor store keeps
+        # this host's copies of the versions in a folder; the last replica on
+        # the host to stop deletes it.
+        if self.weight_store is not None:
+            await self.weight_store.aclose()
+
     @concurrent_endpoint
     async def generate(self, prompt: str, **overrides) -> list[Completion]:
         """`n` completions of `prompt`; keyword arguments override the sampling config."""

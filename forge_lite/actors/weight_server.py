@@ -1,32 +1,45 @@
-"""A weight store whose versions live in an actor's memory and travel as
-Monarch messages, so it works when the trainer and the Policy replicas run on
-hosts that share no filesystem.
+"""A weight store for hosts that share no filesystem: each version stays in
+the trainer's memory, and every host fetches it from there once, as one
+Monarch message.
 
-    server = await WeightServer.options(procs=1).as_actor(keep_last=2)
-    store = ActorWeightStore(server)          # pass weight_store=store to both
+    store = await open_weight_store("actor")   # a WeightServer and its client
+    # pass weight_store=store to the RLTrainer and to the Policy
     ...
-    await WeightServer.shutdown(server)
+    await store.aclose()
 
-The trainer `aput`s a state dict (one message from the trainer to the server);
-each Policy replica `aget`s it (one message from the server to the replica).
-A state dict of CPU tensors pickles as its raw bytes: Monarch moved 50 MB in
-about 0.1 s on this project's 2-core machine (measured with Monarch 0.7).
-The replicas of a service fetch at the same time (`get` is a concurrent
-endpoint), so every replica's bytes leave the server at once, not one
-replica after another. Each replica still receives its own copy: placed on
-the replicas' host (``open_weight_store(on_hosts=...)``), the server makes a
-version cross the network once, when it is published.
+Three parts, each where its work is:
+
+- The trainer's ``aput(v, state_dict)`` copies the state dict to the CPU
+  (``host_cache.snapshot``: the next optimizer step must not change a
+  published version) and keeps the newest ``keep_last`` (default 2) in its
+  own process, served by a small `WeightHolder` actor there.
+- A `WeightServer` actor is the directory: for each version, its layout and
+  which holder has it. Its messages are small.
+- A Policy replica's ``aget(v)`` asks the server where v is, and its host's
+  `HostCache` either finds v in a local file or fetches it from the holder
+  (once per host: the other replicas there wait for the file).
+
+So a version crosses the network once per host, in one hop from the
+trainer's process, and never passes through the notebook kernel. Measured
+on this project's 2-core machine (benchmarks/weights.py has the table), a
+298 MB bf16 version between two network-namespace hosts: the table in the
+benchmark's docstring compares it with one raw Monarch message of the same
+bytes.
+
+What a failure leaves:
+- a trainer that dies mid-push: the server lists a version only after its
+  holder has all of it, so either the new version is not listed (asking for
+  it is a KeyError naming the versions held) or it is listed and its holder
+  does not answer (a RuntimeError after ``HOLDER_TIMEOUT_S``). The replicas
+  keep serving what they had; a replica respawned on a host that had the
+  version finds it in the host's file.
+- a replica that dies mid-fetch: nothing is loaded from a partial message,
+  no file appears under its final name, and the next replica on the host
+  waiting for it fetches it itself.
 
 A GRPO run picks its store with the config's ``weights`` setting through
 `open_weight_store` ("auto": this actor store when the cluster has more than
 one host, else the folder, which is faster on one host).
-
-The server is a process of its own: a trainer that dies mid-push leaves the
-versions already held (a message is applied whole or not at all), and a
-Policy replica fetches a whole version before its engine loads any of it.
-Measured for the shipped model (3.4 MB, float32) on 2 busy cores, the median
-of 6: put 0.010 s / get 0.008 s through the actor, 0.006 s / 0.002 s (page
-cache) through the folder.
 
 `ActorWeightStore` has the file `WeightStore`'s methods (`put`, `get`,
 `versions`, `latest` and their async forms `aput`, `aget`, `aversions`,
@@ -35,24 +48,54 @@ cache) through the folder.
 
 from __future__ import annotations
 
-import torch
-from monarch.actor import concurrent_endpoint, endpoint
+import asyncio
+import uuid
+from dataclasses import dataclass
 
+import torch
+from monarch.actor import Actor, concurrent_endpoint, endpoint, this_proc
+
+from forge_lite.actors.host_cache import HostCache, TensorSlot, host_cache, snapshot
 from forge_lite.controller import ForgeActor
+
+#: Seconds a holder has to say whether it has a version, before the fetch.
+#: It answers in milliseconds even while its trainer computes (it has its own
+#: endpoint), so no answer means its process is gone.
+HOLDER_TIMEOUT_S = 30.0
+
+
+def fetch_timeout_s(nbytes: int) -> float:
+    """Seconds allowed for fetching ``nbytes`` from a holder: 60 s plus 5 MB/s,
+    about 50 times the rate measured between two hosts here. Only a holder
+    that died mid-transfer runs into it (Monarch would wait forever)."""
+    return 60.0 + nbytes / 5e6
+
+
+@dataclass(frozen=True)
+class PublishedVersion:
+    """What the server knows of one version: the publish's ``token`` (unique
+    per ``put``), its ``layout`` (names, dtypes, shapes, file offsets),
+    ``nbytes`` of its tensors, and the ``holder`` actor (in the publisher's
+    process) that serves it."""
+
+    token: str
+    layout: list[TensorSlot]
+    nbytes: int
+    holder: object
 
 
 class WeightServer(ForgeActor):
-    """Holds the newest ``keep_last`` published versions (default 2) in memory.
+    """The directory of the newest ``keep_last`` published versions (default 2).
 
-    Endpoints: ``put(version, state_dict)``, ``get(version)`` (a KeyError naming
-    the versions held when it was dropped or never published), ``versions()``
-    (oldest first) and ``latest()`` (None while empty).
+    Endpoints: ``put(version, published)``, ``locate(version)`` (a KeyError
+    naming the versions held when it was dropped or never published),
+    ``versions()`` (oldest first) and ``latest()`` (None while empty).
     Raises ValueError (in setup, so ``as_actor`` reports it) for ``keep_last < 1``.
     """
 
     def __init__(self, keep_last: int = 2):
         self.keep_last = keep_last
-        self._versions: dict[int, dict[str, torch.Tensor]] = {}
+        self._versions: dict[int, PublishedVersion] = {}
 
     @endpoint
     async def setup(self) -> None:
@@ -60,23 +103,18 @@ class WeightServer(ForgeActor):
             raise ValueError(f"keep_last must be an int >= 1, got {self.keep_last!r}")
 
     @endpoint
-    async def put(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
-        """Publish ``state_dict`` as ``version`` (replacing it if it exists),
-        then drop all but the newest ``keep_last`` versions."""
+    async def put(self, version: int, published: PublishedVersion) -> None:
+        """List ``version`` (replacing it if it exists), then drop all but the
+        newest ``keep_last``."""
         if not isinstance(version, int) or version < 0:
             raise ValueError(f"weight version must be an int >= 0, got {version!r}")
-        # The message arrived whole before this line runs, so a sender that dies
-        # mid-transfer leaves nothing here: readers see a version whole or not at all.
-        self._versions[version] = state_dict
+        self._versions[version] = published
         for old in sorted(self._versions)[: -self.keep_last]:
             del self._versions[old]
 
-    # Concurrent: the replicas of a service fetch a version at the same time
-    # (update_weights.fanout), and an actor otherwise answers one message at a
-    # time, so each replica would wait for the transfers of those before it.
-    @concurrent_endpoint
-    async def get(self, version: int) -> dict[str, torch.Tensor]:
-        """The state dict published as ``version``; KeyError naming the versions held."""
+    @endpoint
+    async def locate(self, version: int) -> PublishedVersion:
+        """Where ``version`` is; KeyError naming the versions held."""
         try:
             return self._versions[version]
         except KeyError:
@@ -94,47 +132,103 @@ class WeightServer(ForgeActor):
         return max(self._versions, default=None)
 
 
+# This process's published versions, by token: (store id, version, tensors).
+_held: dict[str, tuple[str, int, dict[str, torch.Tensor]]] = {}
+_holder = None  # this process's WeightHolder, spawned at its first put
+
+
+class WeightHolder(Actor):
+    """Serves the versions this process published (one per process, spawned
+    on the process by its first ``aput``; it stops with the process)."""
+
+    @endpoint
+    async def has(self, token: str) -> bool:
+        return token in _held
+
+    # Concurrent: every host fetches at once, not one transfer after another.
+    @concurrent_endpoint
+    async def get(self, token: str) -> dict[str, torch.Tensor]:
+        """The tensors published as ``token``; KeyError once they were dropped."""
+        return _held[token][2]
+
+
+def _hold(store_id: str, version: int, tensors: dict[str, torch.Tensor], keep_last: int):
+    """Keep ``tensors`` as ``version`` of the store, drop this process's older
+    versions of it; return (the publish's token, this process's holder)."""
+    global _holder
+    if _holder is None:
+        _holder = this_proc().spawn("forge_lite_weight_holder", WeightHolder)
+    token = uuid.uuid4().hex[:16]
+    mine = sorted((v, t) for t, (s, v, _) in _held.items() if s == store_id and v != version)
+    for _, old in mine[: max(0, len(mine) - (keep_last - 1))]:
+        del _held[old]
+    for t in [t for t, (s, v, _) in _held.items() if s == store_id and v == version]:
+        del _held[t]  # a version published again replaces the old buffer
+    _held[token] = (store_id, version, tensors)
+    return token, _holder
+
+
 class ActorWeightStore:
     """A client of a `WeightServer`: the same methods as the file `WeightStore`.
 
-    ``handle``: what ``WeightServer.as_actor()`` returned (one process). The
-    client pickles with the handle, so actors that receive it (a trainer, the
-    Policy replicas, on any host) call the server directly.
+    ``handle``: what ``WeightServer.as_actor()`` returned (one process);
+    ``keep_last``: versions a publisher keeps in memory and a host keeps on
+    disk (the server's own setting should match). The client pickles with
+    the handle and its id, so actors that receive it (a trainer, the Policy
+    replicas, on any host) use the same versions.
 
     Inside an actor or any running event loop, use the async methods
     (``aput``, ``aget``, ``aversions``, ``alatest``). The sync ones (``put``,
     ``get``, ...) block until the answer arrives, for scripts and tests.
-    Errors of the server come back as Monarch's ActorError; ``get``/``aget``
-    of a version not held raise KeyError with the server's message.
+    ``get``/``aget`` of a version not held raise KeyError naming the versions
+    held; of a version whose holder is gone, RuntimeError.
     """
 
-    def __init__(self, handle, *, owned: bool = False):
+    def __init__(self, handle, *, keep_last: int = 2, owned: bool = False):
         """``owned``: ``aclose()`` stops the server (``open_weight_store`` sets it)."""
         self.handle = handle
+        self.keep_last = keep_last
+        self.id = uuid.uuid4().hex[:16]
         self._owned = owned
 
     def __getstate__(self) -> dict:
         # A copy sent to an actor uses the server but never stops it.
         return {**self.__dict__, "_owned": False}
 
+    @property
+    def cache(self) -> HostCache:
+        """This host's files of this store's versions (one per process)."""
+        return host_cache(self.id, self.keep_last)
+
     async def aclose(self) -> None:
-        """Stop the server if this client owns it; safe to call twice."""
+        """Stop using this host's cache (deleted by its last user), and stop
+        the server if this client owns it; safe to call twice."""
+        await self.cache.leave()
         if self._owned:
             self._owned = False
             await WeightServer.shutdown(self.handle)
 
     # Async: what the trainer and the Policy use.
     async def aput(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
-        await self.handle.put.call_one(version, _to_cpu(state_dict))
+        """Publish ``state_dict`` as ``version``: held in this process, listed by the server."""
+        tensors, layout = snapshot(state_dict)
+        token, holder = _hold(self.id, version, tensors, self.keep_last)
+        nbytes = sum(slot.nbytes for slot in {slot.offset: slot for slot in layout}.values())
+        # Listed last: a version the server lists is whole in its holder.
+        await self.handle.put.call_one(version, PublishedVersion(token, layout, nbytes, holder))
 
     async def aget(self, version: int) -> dict[str, torch.Tensor]:
+        """The state dict published as ``version``, from this host's file or
+        fetched once for the host from its holder."""
         try:
-            return await self.handle.get.call_one(version)
+            published = await self.handle.locate.call_one(version)
         except Exception as error:
             missing = _missing_version(error)
             if missing is None:
                 raise
             raise missing from None
+        return await self.cache.load(version, published.token, published.layout,
+                                     lambda: _fetch(version, published))
 
     async def aversions(self) -> list[int]:
         return await self.handle.versions.call_one()
@@ -142,20 +236,19 @@ class ActorWeightStore:
     async def alatest(self) -> int | None:
         return await self.handle.latest.call_one()
 
-    # Sync: Monarch futures block with .get() outside an event loop.
+    # Sync: for scripts and tests, outside a running event loop (asyncio.run).
     def put(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
-        """Publish ``state_dict`` as ``version`` (blocks until the server holds it)."""
-        self.handle.put.call_one(version, _to_cpu(state_dict)).get()
+        """Publish ``state_dict`` as ``version`` (blocks until the server lists it)."""
+        asyncio.run(self.aput(version, state_dict))
 
     def get(self, version: int) -> dict[str, torch.Tensor]:
         """The state dict published as ``version``, on the CPU; KeyError naming the versions held."""
-        try:
-            return self.handle.get.call_one(version).get()
-        except Exception as error:
-            missing = _missing_version(error)
-            if missing is None:
-                raise
-            raise missing from None
+        async def get_and_write():
+            state_dict = await self.aget(version)
+            await self.cache.flush()  # asyncio.run would cancel the host file's write
+            return state_dict
+
+        return asyncio.run(get_and_write())
 
     def versions(self) -> list[int]:
         """Versions held, oldest first."""
@@ -166,6 +259,32 @@ class ActorWeightStore:
 
     def __repr__(self) -> str:
         return f"ActorWeightStore({self.handle!r})"
+
+
+async def _fetch(version: int, published: PublishedVersion) -> dict[str, torch.Tensor]:
+    """The tensors of ``published`` from its holder, bounded in time:
+    Monarch waits forever for an actor whose process died."""
+    gone = (f"weight version {version} is held only by the process that published it "
+            "(the trainer's), and that process did not answer")
+    try:
+        held = await asyncio.wait_for(_awaited(published.holder.has.call_one(published.token)),
+                                      HOLDER_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise RuntimeError(f"{gone} in {HOLDER_TIMEOUT_S:.0f} s: it has probably died; publish "
+                           "the version again from a live trainer") from None
+    if not held:
+        raise KeyError(f"weight version {version} was dropped by its publisher (it keeps the newest "
+                       "versions only)")
+    timeout = fetch_timeout_s(published.nbytes)
+    try:
+        return await asyncio.wait_for(_awaited(published.holder.get.call_one(published.token)), timeout)
+    except asyncio.TimeoutError:
+        raise RuntimeError(f"{gone} while sending it ({published.nbytes / 1e6:.0f} MB, "
+                           f"{timeout:.0f} s allowed)") from None
+
+
+async def _awaited(future):
+    return await future
 
 
 #: What a run's ``weights`` setting may say.
@@ -195,25 +314,25 @@ async def open_weight_store(kind: str = "auto", keep_last: int | None = None, on
     (``kind="actor"``); ``"auto"`` picks as ``weight_store_kind`` says.
 
     ``keep_last``: versions kept (None: every version for the folder, 2 for
-    the actor, whose versions take memory). ``on_hosts``: where the server
-    runs (as ``options(on_hosts=...)``; None: the least-occupied host). On
-    the Policy replicas' host, a version crosses the network once, when it is
-    published, and each replica fetches it without leaving its host
-    (benchmarks/weights.py measures both placements).
+    the actor, whose versions take the trainer's memory). ``on_hosts``: where
+    the server runs (as ``options(on_hosts=...)``; None: the least-occupied
+    host). The server's messages are small, so its place matters little.
     Close it with ``await store.aclose()``. Raises ValueError for an unknown kind.
     """
     from forge_lite.actors.weights import WeightStore
 
     if weight_store_kind(kind) == "files":
         return WeightStore(keep_last=keep_last)
-    handle = await WeightServer.options(procs=1, on_hosts=on_hosts).as_actor(keep_last=keep_last or 2)
-    return ActorWeightStore(handle, owned=True)
+    keep_last = keep_last or 2
+    handle = await WeightServer.options(procs=1, on_hosts=on_hosts).as_actor(keep_last=keep_last)
+    return ActorWeightStore(handle, keep_last=keep_last, owned=True)
 
 
 def describe_weight_store(store) -> str:
     """How weights travel through ``store``, in words, for a run's log."""
     if isinstance(store, ActorWeightStore):
-        return "as Monarch messages through a WeightServer actor (weights: actor)"
+        return ("as Monarch messages from the trainer's memory, fetched once per host "
+                "(weights: actor)")
     # No path: a notebook's output must not carry this machine's folders.
     return "as files in the run's own folder on this host (weights: files)"
 
@@ -224,12 +343,6 @@ def weight_store_label(store) -> str:
     if isinstance(store, ActorWeightStore):
         return "actor (Monarch messages)"
     return "files (one host)"
-
-
-def _to_cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # Detached CPU tensors: a GPU tensor would be rebuilt on the server's GPU,
-    # and autograd state has no business in a message.
-    return {name: tensor.detach().to("cpu") for name, tensor in state_dict.items()}
 
 
 def _missing_version(error: Exception) -> KeyError | None:
