@@ -1,17 +1,17 @@
 """How fast a new policy version reaches every replica, on one host and across hosts.
 
-    sudo python benchmarks/weights.py                    # the shipped model and Qwen3-0.6B-shaped bf16
+    sudo python benchmarks/weights.py --shape quarter    # the shipped model and a 298 MB Qwen3-shaped model
+    sudo python benchmarks/weights.py --models random --shape qwen3-0.6b --paths actor
     python benchmarks/weights.py --models shipped --rounds 5
 
 Side by side in one run, for each model:
 
 - **one host, folder**: a publisher, the `WeightStore` folder and a Policy
   service all on host1;
-- **across hosts, actor**: the publisher and a `WeightServer` on host0, the
-  Policy service on host1, versions travelling as Monarch messages;
-- **across hosts, actor, server by the replicas**: the same with the
-  `WeightServer` on host1: the version crosses the link once (the publish),
-  and each replica fetches it on its own host;
+- **across hosts, actor**: the publisher (it keeps each version in its own
+  memory) and the `WeightServer` (the list of versions) on host0, the Policy
+  service on host1: each version goes from the publisher's process to host1
+  as one Monarch message, once for all the replicas there;
 - **raw copy**: the same state dict sent once, as one plain Monarch actor
   message, from the publisher's process to a process on host1: the physical
   limit of a transfer between those hosts on this machine.
@@ -21,17 +21,26 @@ A round is "publish + all replicas loaded": the publisher `aput`s version v
 `update_weights` returns on 1 replica (`route`) or on all 4 (`fanout`) of a
 4-replica service. MB/s = the state dict's bytes / that time. Rounds are
 interleaved (raw, folder, actor, ...) so the machine's noise hits all alike;
-the table shows medians. Targets (the issue): across hosts >= 70% of the raw
-copy rate; 4 replicas <= 2x the time of 1.
+the table shows medians. Targets: across hosts >= 70% of the raw copy rate;
+4 replicas <= 2x the time of 1.
+
+Measured on the 2-core, 23 GB machine this was written on (network
+namespaces, quiet machine; medians of 5 rounds, of 3 for 0.6B):
+
+    model        MB      raw copy   across hosts, 1 replica   4 replicas   4/1   vs raw
+    quarter      298.0   0.687 s    0.925 s                   1.030 s      1.11  74%
+    qwen3-0.6b   1192.1  4.366 s    5.885 s                   7.109 s      1.21  74%
+    shipped      3.4     0.013 s    0.036 s                   0.051 s      1.43  36%
+
+The shipped model is small enough that a round is messages, not bytes: the
+publish, the route, the lookup and the fetch each take a few milliseconds.
 
 The hosts are ``forge_lite.worker.LocalHosts`` (as root: network namespaces,
 a real network hop; else loopback workers). The "Qwen3-0.6B" model is random,
 built from its shape with transformers (nothing is downloaded); ``--shape``
-picks a smaller one when 0.6B does not fit. On the 2-core, 23 GB machine
-this was written on, 0.6B (1.2 GB) did not: three 4-replica services and
-their copies in flight need ~20 GB; ``--shape quarter`` (7 layers, 298 MB)
-ran in about 6 minutes and left 2.4 GB free at its peak. Prints a table and writes
-``benchmarks/results/weights.json``.
+picks a smaller one. On that machine 0.6B fits only with ``--paths actor``
+(two 4-replica services ran out of memory; one left 1 GB free at its peak).
+Prints a table and writes ``benchmarks/results/weights.json``.
 """
 
 from __future__ import annotations

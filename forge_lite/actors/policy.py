@@ -76,8 +76,9 @@ class Policy(ForgeActor):
     temperature, top_p, stop, seed); `generate(prompt, **overrides)` changes
     them per request.
     `weight_store`: the run's weight store, the one its trainer pushes to: a
-    `WeightStore` (a folder, one host) or an `ActorWeightStore` (versions in a
-    `WeightServer` actor, any host); without it `update_weights` raises RuntimeError.
+    `WeightStore` (a folder, one host) or an `ActorWeightStore` (versions
+    fetched from the trainer's process, any host); without it `update_weights`
+    raises RuntimeError.
     `policy_version`: start from this version of `weight_store` instead of
     the model's own weights (a KeyError naming the versions held if it is
     not there).

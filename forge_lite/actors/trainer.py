@@ -130,7 +130,7 @@ class RLTrainer(ForgeActor):
         weight_store: WeightStore | None = None,
     ):
         """``weight_store``: the run's weight store, a ``WeightStore`` (a folder)
-        or an ``ActorWeightStore`` (a ``WeightServer`` actor, for several hosts),
+        or an ``ActorWeightStore`` (versions kept in this process, for several hosts),
         where ``push_weights`` publishes (the Policy it feeds gets the same one); without it
         ``push_weights`` raises RuntimeError."""
         self.weight_store = weight_store
@@ -338,7 +338,8 @@ class RLTrainer(ForgeActor):
         try:
             if self.rank == 0:
                 # Async, as either store allows: a WeightStore writes its file in
-                # a thread; an ActorWeightStore sends one message to its server.
+                # a thread; an ActorWeightStore keeps a copy in this process and
+                # lists it with its server (one small message).
                 await self.weight_store.aput(policy_version, self.model.state_dict())
         finally:
             # In `finally`, so that if rank 0 fails to write, the others are

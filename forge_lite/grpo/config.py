@@ -212,8 +212,8 @@ class GRPOConfig:
     # 2 cores, 1 thread per process made a step 8x faster than the default.
     threads_per_process: int | None = 1
     # How the trainer's weights reach the policy replicas: "files" (a folder
-    # every process reads; one host), "actor" (a WeightServer actor, Monarch
-    # messages; any host) or "auto" (the actor when the cluster has more than
+    # every process reads; one host), "actor" (versions in the trainer's
+    # memory, fetched as Monarch messages once per host; any host) or "auto" (the actor when the cluster has more than
     # one host, else files). See forge_lite.actors.weight_server.
     weights: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)

@@ -121,8 +121,8 @@ class GRPORun:
         self._began = time.perf_counter()
         check_placement(config)  # a host the cluster lacks: an error before any process starts
         # The run's own store, handed to its trainer and policy: a folder on one
-        # host, a WeightServer actor across hosts (config.weights), placed with
-        # the policy replicas, so that a version crosses the network once.
+        # host, the actor store across hosts (config.weights). Its WeightServer
+        # only lists versions; the bytes go from the trainer to each host.
         self.store = await open_weight_store(config.weights, on_hosts=config.placement.hosts("policy"))
         print(f"GRPO: weights travel {describe_weight_store(self.store)}", flush=True)
         self.recorder.record_status(weights=weight_store_label(self.store))  # the dashboard's header says it too
