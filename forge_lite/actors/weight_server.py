@@ -149,6 +149,9 @@ class WeightHolder(Actor):
     @concurrent_endpoint
     async def get(self, token: str) -> dict[str, torch.Tensor]:
         """The tensors published as ``token``; KeyError once they were dropped."""
+        if token not in _held:
+            raise KeyError("weight version was dropped by its publisher, which keeps the newest "
+                           "versions only; ask for a newer one")
         return _held[token][2]
 
 
