@@ -7,7 +7,8 @@ actor messages; a host shares one fetch among its replicas through a file.
 - A version's copy and its file form keep every tensor exactly (dtypes,
   shapes, tied tensors stored once).
 - Four processes on one host that ask for a version at once fetch it once;
-  one alone writes no file; the last to leave deletes the folder.
+  one alone writes no file; the last to leave deletes the folder, and the
+  folder of a run whose processes were all killed goes at the next join.
 - A version whose holder died is a RuntimeError after HOLDER_TIMEOUT_S, not
   a wait forever.
 - The client pickles with its actor handle: an actor that receives it as an
@@ -191,6 +192,44 @@ async def test_the_replicas_of_a_host_fetch_a_version_once_and_share_its_file():
     finally:
         for handle in (source, users, lone):
             await ForgeActor.shutdown(handle)
+
+
+async def test_a_replica_joining_deletes_the_folders_of_dead_runs_only(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's own temporary folder
+
+    def folder(name: str, age_s: float) -> "os.PathLike":
+        path = tmp_path / f"forge_lite_weights_{name}"
+        path.mkdir()
+        (path / ".users").touch()
+        (path / "v1-ab12.bin").write_bytes(b"weights")
+        os.utime(path, (time.time() - age_s,) * 2)
+        return path
+
+    dead = folder("dead", age_s=600)  # every process of its run was killed: nobody holds it
+    idle = folder("idle", age_s=600)  # a run whose replicas live, but have had no new version for a while
+    young = folder("young", age_s=0)  # a run that is just starting
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+         "fcntl.flock(fd, fcntl.LOCK_SH); print('held', flush=True); time.sleep(120)", str(idle / ".users")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        joining = HostCache("joining", keep_last=2)
+        joining._join()
+        assert not dead.exists()
+        assert idle.exists() and young.exists()
+        await joining.leave()
+        assert not joining.folder.exists()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 class Publisher(ForgeActor):

@@ -19,10 +19,10 @@ file's form is the version's tensors at the offsets of its layout
 
 Who cleans up: each process that uses the folder holds a shared lock on
 ``.users`` while it does; ``leave()`` (the Policy calls it when it stops)
-releases it and deletes the folder when no other process holds one. A
-process killed with SIGKILL leaves its host's folder behind (at most
-``keep_last`` versions); the kernel releases its locks, so the next ``leave``
-on that host still cleans up.
+releases it and deletes the folder when no other process holds one.
+Processes killed with SIGKILL (a kernel that died, say) never leave, but the
+kernel releases their locks: the next replica to join any store on that host
+deletes a folder that nobody holds (``STALE_AFTER_S`` after it last changed).
 """
 
 from __future__ import annotations
@@ -33,11 +33,16 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
 import torch
+
+#: Seconds after which a cache folder nobody holds is a dead run's, and the
+#: next replica to join any store on the host deletes it.
+STALE_AFTER_S = 60.0
 
 # Offsets in a version's file are multiples of this, so a slice can be viewed as
 # any dtype (a view needs its offset to be a multiple of the element size).
@@ -189,11 +194,21 @@ class HostCache:
                 p.unlink(missing_ok=True)
 
     def _join(self) -> None:
-        """Create the folder and hold a shared lock on it for this process's life."""
+        """Create the folder and hold a shared lock on it for this process's
+        life; on the first join, delete the folders of runs whose processes
+        are all gone (killed before they could leave)."""
         if self._users_fd is None:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._users_fd = os.open(self.folder / ".users", os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(self._users_fd, fcntl.LOCK_SH)
+            for other in self.folder.parent.glob("forge_lite_weights_*"):
+                try:
+                    # Old enough that no process is between creating it and locking it.
+                    stale = time.time() - other.stat().st_mtime > STALE_AFTER_S
+                except FileNotFoundError:  # another process deleted it just now
+                    continue
+                if stale and other != self.folder:
+                    _delete_if_unused(other)
 
     async def flush(self) -> None:
         """Wait until this process's files are written (errors are the writes' own)."""
@@ -208,18 +223,24 @@ class HostCache:
             return
         os.close(self._users_fd)  # our shared lock goes; then ask for the folder alone
         self._users_fd = None
-        try:
-            fd = os.open(self.folder / ".users", os.O_RDWR)
-        except FileNotFoundError:  # another process deleted it just now
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only when nobody holds a shared lock
-        except BlockingIOError:
-            return  # still in use: its last user deletes it
-        else:
-            shutil.rmtree(self.folder, ignore_errors=True)
-        finally:
-            os.close(fd)
+        _delete_if_unused(self.folder)
+
+
+def _delete_if_unused(folder: Path) -> bool:
+    """Delete ``folder`` if no process holds a lock on its ``.users``; say whether it did."""
+    try:
+        fd = os.open(folder / ".users", os.O_RDWR)
+    except FileNotFoundError:  # another process deleted it just now
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only when nobody holds a shared lock
+    except BlockingIOError:
+        return False  # still in use: its last user deletes it
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)
 
 
 _caches: dict[str, HostCache] = {}
