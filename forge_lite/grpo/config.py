@@ -213,8 +213,9 @@ class GRPOConfig:
     threads_per_process: int | None = 1
     # How the trainer's weights reach the policy replicas: "files" (a folder
     # every process reads; one host), "actor" (versions in the trainer's
-    # memory, fetched as Monarch messages once per host; any host) or "auto" (the actor when the cluster has more than
-    # one host, else files). See forge_lite.actors.weight_server.
+    # memory, fetched as Monarch messages once per host; any host) or "auto"
+    # (the actor when the cluster has more than one host, else files). See
+    # forge_lite.actors.weight_server.
     weights: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)

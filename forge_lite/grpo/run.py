@@ -122,7 +122,8 @@ class GRPORun:
         check_placement(config)  # a host the cluster lacks: an error before any process starts
         # The run's own store, handed to its trainer and policy: a folder on one
         # host, the actor store across hosts (config.weights). Its WeightServer
-        # only lists versions; the bytes go from the trainer to each host.
+        # only lists versions (the bytes go from the trainer to each host); it
+        # runs beside the policy replicas, whose lookups it answers.
         self.store = await open_weight_store(config.weights, on_hosts=config.placement.hosts("policy"))
         print(f"GRPO: weights travel {describe_weight_store(self.store)}", flush=True)
         self.recorder.record_status(weights=weight_store_label(self.store))  # the dashboard's header says it too
