@@ -25,9 +25,6 @@ THINK_BLOCK = re.compile(r"<\s*think\s*>(.*?)<\s*/\s*think\s*>", re.IGNORECASE |
 ANY_THINK_TAG = re.compile(r"<\s*/?\s*think\s*>", re.IGNORECASE)
 # A prompt whose chat template opens the think block itself (R1-style templates end in "<think>\n").
 THINK_OPENED_BY_PROMPT = re.compile(r"<\s*think\s*>\s*$", re.IGNORECASE)
-# A number as people write it in prose: optional sign, thousands commas, decimals.
-NUMBER_IN_TEXT = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
-
 # LaTeX a model wraps a number in. The wrappers' braces hold what is meant:
 # \boxed{18} is 18, 18\text{ cm} is "18 cm".
 LATEX_WRAPPER = re.compile(r"\\(?:boxed|text|textrm|textbf|mathrm|mathbf|mbox|fbox)\s*\{([^{}]*)\}")
@@ -42,8 +39,38 @@ LATEX_SPACE = re.compile(r"\\[,;:! ]|~")
 LATEX_LEFTOVERS = re.compile(r"\\[()\[\]]|[{}]")
 CURRENCY = re.compile(r"[$€£¥₹]")
 # What may follow a number's last digit and be a unit: words, spaces, % ° / and
-# a full stop ("18 cm", "60 km/h", "18%", "18 dollars.").
-UNIT = re.compile(r"(?:[^\W\d_]|[\s%°/.])*")
+# punctuation ("18 cm", "60 km/h", "18%", "18 dollars.", "18,"), closing quotes
+# and stray emphasis ("18\"", "18**").
+UNIT = re.compile(r"(?:[^\W\d_]|[\s%°/.,;'\"’”*_])*")
+# What may come before a number and say nothing: spaces, opening quotes, stray emphasis.
+LEADING_DECORATION = " \t\n'\"‘“*_"
+
+# Numbers as models write them, and the one reading of them that the reward
+# (tag and partial credit alike) and the calculator tool share: plain_numbers.
+# A minus sign may be typographic: U+2212, and the small and full-width
+# hyphen-minus of CJK text (U+FE63, U+FF0D).
+MINUS_SIGNS = re.compile("[\u2212\ufe63\uff0d]")
+# A markdown code span's backticks: never part of a number or an operator.
+BACKTICKS = re.compile(r"`+")
+# Markdown bold or italics, **36**, *36*, __36__, _36_, ***36***: the same one
+# to three markers on both sides, no space inside them.
+EMPHASIS = re.compile(r"(\*{1,3}|_{1,3})(?=[^\s*_])([^*_\n]*?[^\s*_])\1(?![*_])")
+# Digits grouped in threes by one separator used throughout: 1,234,567; 1 234
+# with a space, a no-break space or a thin space (SI style, LaTeX's 1\,000).
+# "1,23" and "1,2345" are not grouped: they stay as written (and are no number).
+GROUPED_DIGITS = re.compile(
+    r"(?<![\d.,])\d{1,3}([, \u00a0\u2009\u202f])\d{3}(?:\1\d{3})*(?!\d|\1\d)"
+)
+# A plain number, as Python's float() reads it, or a plain fraction of two
+# (3/4 is 0.75, written without spaces): what plain_numbers leaves of a number.
+_DECIMAL = r"(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?"
+NUMBER = re.compile(rf"[-+]?{_DECIMAL}(?:/{_DECIMAL})?")
+# The same in running text (partial credit): not a piece of a longer number
+# (36 in 360 or 1.36, 3/4 in 1/3/4), and a sign only where it is not an
+# operator between two terms: "10-5" holds 10 and 5, "x = -5" holds -5.
+NUMBER_IN_TEXT = re.compile(
+    rf"(?:(?<![\w.)\]])[-+])?(?<![\d.])(?<!\d/){_DECIMAL}(?:/{_DECIMAL})?(?!\d|\.\d|/\d)"
+)
 
 
 def latex_to_plain(text: str) -> str:
@@ -86,20 +113,69 @@ def without_unit(text: str) -> str:
     return text
 
 
+def plain_numbers(text: str) -> str:
+    """``text`` with every number in it written plainly, as Python reads numbers.
+
+    The one place where numbers as models write them are read; MathReward
+    (the answer tag and the partial-credit search) and the calculator tool
+    both go through it, so a number one of them reads the other reads too:
+
+    - LaTeX (``latex_to_plain``): ``\\boxed{18}``, ``$18$``, ``\\frac{3}{4}``;
+    - markdown around a number: ``**18**``, ``*18*``, ``__18__``, ``_18_``,
+      code spans (``18`` in backticks); markers right after or before an
+      operand stay, as arithmetic: ``2 *3* 4`` and ``2**3**2`` keep their
+      stars, and ``__class__`` (no digit) its underscores;
+    - a typographic minus sign (U+2212, U+FE63, U+FF0D) as ``-``;
+    - currency signs (``$ € £ ¥ ₹``) dropped: ``-$18`` is ``-18``;
+    - thousands separators dropped where digits are grouped in threes:
+      ``1,234,567``, ``1 234`` (space, no-break or thin space).
+
+    Units, words and operators stay: what they mean is the caller's
+    business. Example: ``plain_numbers("**−$1,234** and `3/4`")`` is
+    ``"-1234 and 3/4"``.
+    """
+    text = latex_to_plain(text)
+    text = EMPHASIS.sub(_unemphasised, BACKTICKS.sub("", text))
+    text = CURRENCY.sub("", MINUS_SIGNS.sub("-", text))
+    return GROUPED_DIGITS.sub(lambda match: re.sub(r"\D", "", match.group(0)), text)
+
+
+def _unemphasised(match: re.Match) -> str:
+    """Markdown emphasis around a number without its markers. Kept: emphasis
+    with no digit in it (``__class__`` is a name, not bold), and markers with
+    an operand right before or after them: they are arithmetic (``2 *3* 4``)."""
+    if not any(char.isdecimal() for char in match.group(2)):
+        return match.group(0)
+    before = match.string[max(0, match.start() - 20): match.start()].rstrip()[-1:]
+    after = match.string[match.end(): match.end() + 20].lstrip()[:1]
+    operand_before = before and (before.isdecimal() or before in ")]")
+    operand_after = after and (after.isdecimal() or after in "([")
+    if operand_before or operand_after:
+        return match.group(0)
+    return match.group(2)
+
+
 def parse_number(text: str) -> float | None:
     """The number ``text`` denotes, as models write it; None if it is not one number.
 
-    LaTeX wrappers, simple fractions and spacing go first (``latex_to_plain``),
-    then currency signs (``$ € £ ¥ ₹``) and a unit after the last digit, then
-    spaces and thousands commas. What is left must be a float: ``x = 18`` and
-    ``18 or 19`` are not numbers. NaN and infinities are not numbers either.
+    The numbers are written plainly first (``plain_numbers``: LaTeX,
+    markdown, minus signs, currency, thousands separators); then a unit or
+    punctuation after the last digit goes (``without_unit``), and quotes or
+    spaces before the first. What is left must be one plain number or plain
+    fraction (``NUMBER``): ``3/4`` is 0.75, ``x = 18``, ``18 or 19``,
+    ``2 1/2`` and ``1,23`` are no number. NaN, infinities and a fraction
+    over 0 are no number either.
     """
-    text = latex_to_plain(str(text)).replace("\u2212", "-")  # the typographic minus sign
-    text = without_unit(CURRENCY.sub("", text))
-    try:
-        number = float(re.sub(r"[\s,]", "", text))
-    except ValueError:
+    text = without_unit(plain_numbers(str(text))).lstrip(LEADING_DECORATION)
+    text = re.sub(r"^([-+])\s+", r"\1", text.rstrip())  # "- 18", as "-$ 18" leaves it
+    if not NUMBER.fullmatch(text):
         return None
+    numerator, _, denominator = text.partition("/")
+    number = float(numerator)
+    if denominator:
+        if float(denominator) == 0:
+            return None
+        number /= float(denominator)
     return number if math.isfinite(number) else None
 
 
@@ -123,10 +199,16 @@ MATH_EXAMPLES = [
     ("<answer>\\boxed{-\\frac{1}{2}}</answer>", "-0.5", 1.0, "a signed fraction in a box"),
     ("<answer>\\frac{1}{3}</answer>", "0.333333", 1.0, "within the tolerance, 1e-6"),
     ("<answer>2\\frac{1}{2}</answer>", "2.5", 0.0, "a mixed number is not read"),
+    ("<answer>3/4</answer>", "0.75", 1.0, "a plain fraction is its value"),
+    ("<answer>2 1/2</answer>", "2.5", 0.0, "a plain mixed number is not read either"),
+    ("<answer>**36**</answer>", "36", 1.0, "markdown bold"),
+    ("<answer>*36*</answer>", "36", 1.0, "markdown italics"),
+    ("<answer>`36`</answer>", "36", 1.0, "a markdown code span"),
     ("<answer>1,000</answer>", "1000", 1.0, "thousands commas"),
     ("<answer>1{,}000</answer>", "1000", 1.0, "LaTeX thousands separator"),
     ("<answer>1\\,000</answer>", "1000", 1.0, "LaTeX thin-space separator"),
     ("<answer>$1,000</answer>", "1000", 1.0, "currency and commas"),
+    ("<answer>1,23</answer>", "123", 0.0, "a comma only between groups of three digits"),
     ("<answer>$18</answer>", "18", 1.0, "dollar sign"),
     ("<answer>\\$18</answer>", "18", 1.0, "LaTeX dollar sign"),
     ("<answer>-$18</answer>", "-18", 1.0, "a sign before the currency"),
@@ -154,6 +236,10 @@ MATH_EXAMPLES = [
     ("<answer>nan</answer>", "18", 0.0, "NaN is not a number"),
     ("\\boxed{18}", "18", 0.1, "no answer tag: partial"),
     ("15% of 240 is 36", "36", 0.1, "no answer tag: partial"),
+    ("it is **$1,234**", "1234", 0.1, "partial credit reads numbers as the tag does"),
+    ("it is \u22125", "-5", 0.1, "a typographic minus outside the tag"),
+    ("it is \u22125", "5", 0.0, "a wrong sign never earns partial credit"),
+    ("10-5 is 5", "-5", 0.0, "a minus between two terms is no sign"),
     ("the answer is 360", "36", 0.0, "36 inside 360 is not the number 36"),
     ("<answer>36</answer>", "#### 36 is the worked answer", 0.0, "unreadable target"),
 ]
@@ -202,8 +288,12 @@ class MathReward:
       ``\\textbf``, ``\\mathbf``, ``\\mbox``), math delimiters ``$...$``,
       ``\\(...\\)``, ``\\[...\\]``;
     - a simple fraction, ``\\frac{a}{b}`` (or ``\\dfrac``, ``\\tfrac``) of two
-      plain numbers, as a / b; not right after a digit (``2\\frac{1}{2}``);
-    - thousands separators: ``1,000``, ``1{,}000``, ``1\\,000``;
+      plain numbers, or ``a/b``, as a / b; not after a whole number
+      (``2\\frac{1}{2}``, ``2 1/2``);
+    - markdown around it: ``**36**``, ``*36*``, ``__36__``, a code span;
+    - a typographic minus sign (U+2212) as ``-``;
+    - thousands separators between groups of three digits: ``1,000``,
+      ``1{,}000``, ``1\\,000``, ``1 000`` (``1,23`` is no number);
     - a currency sign (``$ \\$ € £ ¥ ₹``) and a unit after the last digit:
       words, ``%``, ``^\\circ``, ``/`` (``18 cm``, ``60 km/h``, ``18%``). Any
       trailing word reads as a unit, so ``18 apples`` is 18.
@@ -214,8 +304,10 @@ class MathReward:
     does not guess which of two numbers is meant.
 
     ``partial_credit`` when the right number appears elsewhere in the
-    response as plain digits (the model knew it but did not answer in the
-    format), 0.0 otherwise. The target is read like the answer; a target
+    response (the model knew it but did not answer in the format), 0.0
+    otherwise. Numbers there are read as in the tag (``plain_numbers``, then
+    ``parse_number`` number by number), so ``−5`` is -5, never 5; a minus
+    between two terms is an operator (``10-5`` holds 10 and 5). The target is read like the answer; a target
     that is not a number scores 0.0: pass the bare number (the dataset's
     ``target``), not gsm8k's worked solution.
     """
@@ -233,8 +325,11 @@ class MathReward:
             answered = parse_number(answer.group(1))
             if answered is not None and self._matches(answered, target_number):
                 return 1.0
-        for number in NUMBER_IN_TEXT.findall(response):
-            if self._matches(float(number.replace(",", "")), target_number):
+        # The same reading as the tag's, number by number: "**36**", "−5" and
+        # "$1,234" outside the tag are 36, -5 and 1234 (and -5 is never 5).
+        for written in NUMBER_IN_TEXT.findall(plain_numbers(response)):
+            number = parse_number(written)
+            if number is not None and self._matches(number, target_number):
                 return self.partial_credit
         return 0.0
 

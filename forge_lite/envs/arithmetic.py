@@ -14,6 +14,13 @@ result (or an intermediate value) at most ``MAX_MAGNITUDE``; ``9**9**9``
 would otherwise keep a core busy for minutes building a number with hundreds
 of millions of digits.
 
+Numbers are read the way MathReward reads an answer, by the same function
+(``forge_lite.data.rewards.plain_numbers``): a model that writes
+``1,234 + $5`` or ``−5 * **3**`` to the tool writes them so in its answer
+too, and one reading means the tool never refuses a number the reward
+accepts. A comma that is no thousands separator (``1,23``) is refused with
+the number to write instead: the error is what the model learns from.
+
 Every refusal is a ``CalcError`` (a ValueError) whose message is short
 enough to show the model as the tool's answer.
 """
@@ -23,6 +30,9 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import re
+
+from forge_lite.data.rewards import plain_numbers
 
 MAX_EXPRESSION_CHARS = 100
 MAX_EXPONENT = 64
@@ -39,8 +49,12 @@ BINARY = {
     ast.Pow: operator.pow,
 }
 UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-# Symbols people (and models) write for the same operators.
-SYMBOLS = {"×": "*", "÷": "/", "−": "-", "^": "**"}
+# Symbols people (and models) write for the same operators (a typographic
+# minus sign is read with the numbers, by plain_numbers).
+SYMBOLS = {"×": "*", "÷": "/", "\\times": "*", "\\cdot": "*", "\\div": "/", "^": "**"}
+# Digits with a comma that plain_numbers did not read as a thousands
+# separator: 1,23 or 1,2345, or a European 1.234,5.
+COMMA_NUMBER = re.compile(r"\d[\d.]*(?:,[\d.]*\d)+")
 
 
 class CalcError(ValueError):
@@ -53,9 +67,11 @@ def evaluate_expression(text: str) -> int | float:
     Parameters
     ----------
     text:
-        Numbers (integers or decimals), ``+ - * / // % **`` (``× ÷ ^ −``
-        read as ``* / ** -``), unary signs and parentheses, at most
-        ``MAX_EXPRESSION_CHARS`` characters.
+        Numbers (integers or decimals, written as ``plain_numbers`` reads
+        them: ``1,234``, ``$5``, ``−5``, ``**5**``, ``\\frac{3}{4}``),
+        ``+ - * / // % **`` (``× ÷ ^`` and LaTeX's ``\\times \\cdot \\div``
+        read as ``* / **``), unary signs and parentheses, at most
+        ``MAX_EXPRESSION_CHARS`` characters as written.
 
     Returns
     -------
@@ -66,8 +82,10 @@ def evaluate_expression(text: str) -> int | float:
     ------
     CalcError
         For anything else: empty text, a syntax error, a name or a call
-        (``__import__('os')``), division by zero, an exponent above
-        ``MAX_EXPONENT``, a value above ``MAX_MAGNITUDE``, NaN or infinity.
+        (``__import__('os')``), a comma that is no thousands separator
+        (the message says what to write: ``write 123 or 1.23, not 1,23``),
+        division by zero, an exponent above ``MAX_EXPONENT``, a value above
+        ``MAX_MAGNITUDE``, NaN or infinity.
 
     Example
     -------
@@ -75,22 +93,41 @@ def evaluate_expression(text: str) -> int | float:
     936
     >>> evaluate_expression("(12 - 4) / 3")
     2.6666666666666665
+    >>> evaluate_expression("$1,234 + 5")
+    1239
     """
     if not isinstance(text, str):
         raise CalcError(f"expression must be text, got {type(text).__name__}")
+    # The length as written is checked before any reading, which costs time per character.
+    written = len(text.strip())
+    if written > MAX_EXPRESSION_CHARS:
+        raise CalcError(f"expression too long ({written} characters, at most {MAX_EXPRESSION_CHARS})")
+    text = plain_numbers(text)
     for symbol, python in SYMBOLS.items():
         text = text.replace(symbol, python)
     text = text.strip()
     if not text:
         raise CalcError("empty expression")
-    if len(text) > MAX_EXPRESSION_CHARS:
-        raise CalcError(f"expression too long ({len(text)} characters, at most {MAX_EXPRESSION_CHARS})")
+    comma = COMMA_NUMBER.search(text)
+    if comma is not None:
+        raise CalcError(f"write {_without_comma(comma.group(0))}, not {comma.group(0)}: "
+                        "a comma is read only between groups of three digits (1,234)")
     try:
         tree = ast.parse(text, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         # ValueError: a NUL byte in the text; the others: nesting the parser refuses.
         raise CalcError(f"not an arithmetic expression: {text!r}") from None
     return _checked(_evaluate(tree.body))
+
+
+def _without_comma(written: str) -> str:
+    """What a number written with a stray comma may mean: ``1,23`` -> ``123 or 1.23``."""
+    if re.fullmatch(r"\d{1,3}(?:\.\d{3})+,\d+", written):  # 1.234,5: a decimal comma
+        return written.replace(".", "").replace(",", ".")
+    joined = written.replace(",", "")
+    if written.count(",") == 1 and "." not in written:  # a decimal comma, or a misplaced separator
+        return f"{joined} or {written.replace(',', '.')}"
+    return joined
 
 
 def _evaluate(node: ast.AST) -> int | float:
@@ -119,6 +156,9 @@ def _evaluate(node: ast.AST) -> int | float:
         if isinstance(value, complex):  # (-8) ** 0.5
             raise CalcError("result is not a real number")
         return _checked(value)
+    if isinstance(node, ast.Tuple):  # "1, 2": say so in words, not as Python's node name
+        raise CalcError("only numbers and + - * / // % ** are allowed, not a list with commas: "
+                        "one expression at a time")
     # Names, calls, attributes, subscripts, comparisons, lambdas, ...
     raise CalcError(f"only numbers and + - * / // % ** are allowed, not {type(node).__name__}")
 
