@@ -383,6 +383,28 @@ async def check_bad_input_is_refused_at_the_call(hosts, cluster):
     await svc.shutdown()
 
 
+async def check_one_worker_attached_twice_is_refused():
+    """A real worker listening on every address of this machine, named three
+    ways: each pair is refused before anything is attached, naming both."""
+    port = free_port()
+    worker = WorkerProcess(f"tcp://0.0.0.0:{port}").start()
+    try:
+        first = f"tcp://127.0.0.1:{port}"
+        for second in (f"tcp://localhost:{port}", f"tcp://127.0.0.2:{port}", f"tcp://[::ffff:127.0.0.1]:{port}"):
+            started = time.monotonic()
+            with pytest.raises(ClusterError, match="same worker") as refused:
+                await forge_lite.attach_cluster([first, second])
+            assert first in str(refused.value) and second in str(refused.value)
+            assert time.monotonic() - started < 10  # refused, not timed out
+            assert forge_lite.cluster().is_local and worker.children() == []
+        # Named once, it attaches as one host.
+        cluster = await forge_lite.attach_cluster([f"tcp://localhost:{port}"])
+        assert len(cluster.hosts) == 1
+        await forge_lite.detach_cluster()
+    finally:
+        worker.kill()
+
+
 def worker_reporting(tmp_path: Path, dist: str, name: str, version: str) -> WorkerProcess:
     """A real worker whose Python reports ``name`` ``version`` as installed:
     a ``.dist-info`` in its working directory comes first on its import path

@@ -27,7 +27,6 @@ from forge_lite.grpo.advantages import group_advantages
 from forge_lite.rl.collate import grpo_collate
 from forge_lite.rl.loss import response_kl as rollout_k3_kl
 from forge_lite.rl.loss import grpo_loss, k3_kl
-from monarch.actor import ActorError
 
 NAN, INF = float("nan"), float("inf")
 NON_FINITE = [NAN, INF, -INF]
@@ -81,10 +80,9 @@ async def test_reward_actor_names_the_function_and_response_of_a_non_finite_scor
         # A finite score passes through (MathReward 0.0, ours 0.5).
         assert await rewards.evaluate_response.call_one("q", "no answer", "1.0") == 0.5
         for bad in ("nan", "inf", "-inf"):
-            with pytest.raises(ActorError) as caught:
+            with pytest.raises(ValueError) as caught:
                 await rewards.evaluate_response.call_one("q", f"response scored {bad}", bad)
             message = str(caught.value)
-            assert "ValueError" in message
             assert "reward_from_target" in message
             assert f"scored {float(bad)}" in message
             assert f"response scored {bad}" in message
@@ -146,7 +144,7 @@ def test_an_episode_without_advantage_yet_is_still_accepted():
 async def test_replay_buffer_actor_refuses_a_non_finite_episode():
     buffer = await ReplayBuffer.options(procs=1).as_actor(batch_size=1, max_policy_age=1)
     try:
-        with pytest.raises(ActorError, match=r"ValueError: episode 'bad' has advantage=nan"):
+        with pytest.raises(ValueError, match=r"episode 'bad' has advantage=nan"):
             await buffer.add.call_one(make_episode("bad", advantage=NAN))
         assert await buffer.numel.call_one() == 0
     finally:

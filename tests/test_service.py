@@ -274,6 +274,64 @@ async def test_session_context_accepts_a_chosen_id(svc):
         assert svc.metrics()["sessions"] >= 1
 
 
+async def test_a_session_that_has_ended_stays_ended(svc, tmp_path):
+    """Tasks started inside a session block that route after it exited (a
+    straggler), and explicit ids routed after terminate_session, route as if
+    they had no session and leave no pin behind."""
+    svc.set_router("round_robin")
+    before = len(svc.service.sessions)
+    release = asyncio.Event()
+
+    async def straggler():
+        await release.wait()
+        return await svc.replica.route()
+
+    with recording(svc) as events:
+        async with svc.session() as session_id:
+            pinned = await svc.replica.route()
+            stragglers = [asyncio.create_task(straggler()) for _ in range(6)]
+        release.set()
+        late = await asyncio.gather(*stragglers)
+        assert len(svc.service.sessions) == before  # no pin re-created per straggler
+        assert session_id not in svc.service.sessions
+        assert sorted(set(late)) == [0, 1, 2]  # balanced, not pinned to `pinned`
+
+        # An explicit id after terminate_session: the same.
+        svc.start_session("user-z")
+        assert len({await svc.replica.route(sess_id="user-z") for _ in range(3)}) == 1
+        svc.terminate_session("user-z")
+        assert sorted(set([await svc.replica.route(sess_id="user-z") for _ in range(6)])) == [0, 1, 2]
+        assert "user-z" not in svc.service.sessions and len(svc.service.sessions) == before
+    starts = [e.session for e in events if isinstance(e, SessionStarted)]
+    assert starts.count(session_id) == 1 and starts.count("user-z") == 1
+    assert pinned in (0, 1, 2)
+
+    # Starting an ended id again opens it again, on purpose.
+    svc.start_session("user-z")
+    try:
+        assert len({await svc.replica.route(sess_id="user-z") for _ in range(3)}) == 1
+    finally:
+        svc.terminate_session("user-z")
+
+
+async def test_a_request_waiting_for_room_when_its_session_ends_leaves_no_pin(tmp_path):
+    service = await Worker.options(num_replicas=1, max_concurrent_requests=1).as_service()
+    gate = tmp_path / "gate"
+    gate.touch()
+    try:
+        busy = asyncio.create_task(service.hold.route(str(gate)))  # takes the only slot
+        while service.service.replicas[0].in_flight < 1:
+            await asyncio.sleep(0.01)
+        async with service.session() as session_id:
+            waiting = asyncio.create_task(service.replica.route())
+            await asyncio.sleep(0.2)  # it is queued for room, in the session
+        gate.unlink()  # the session has ended; now the slot frees up
+        assert await busy == 0 and await waiting == 0
+        assert session_id not in service.service.sessions and len(service.service.sessions) == 0
+    finally:
+        await service.shutdown()
+
+
 # ---------------------------------------------------------------- errors raised to the caller
 
 

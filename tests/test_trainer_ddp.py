@@ -14,14 +14,14 @@ import pytest
 import torch
 
 import forge_lite  # noqa: F401  (before monarch)
-from conftest import count_children, wait_for_children
+from conftest import count_children, pid_alive, wait_for_children, wait_for_exit
 from forge_lite.actors.hf_model import causal_lm_logits, load_causal_lm
 from forge_lite.actors.trainer import RLTrainer
 from forge_lite.assets import DEFAULT_MODEL
+from forge_lite.controller.actor import processes_of
 from forge_lite.grpo import Episode
 from forge_lite.rl.collate import grpo_collate
 from forge_lite.rl.loss import response_logprobs
-from monarch.actor import ActorError
 
 REQUEST_LEN, RESPONSE_LEN = 12, 8
 
@@ -108,16 +108,15 @@ async def test_a_batch_needs_one_equal_chunk_per_rank():
     try:
         for dp_size in (1, 4):
             # The error is raised by both ranks, before either waits for the other.
-            with pytest.raises(ActorError) as caught:
+            with pytest.raises(ValueError) as caught:
                 await trainer.train_step.call(*grpo_collate(episodes, dp_size=dp_size))
-            error = caught.value.exception
-            assert isinstance(error, ValueError)
+            error = caught.value
             assert f"{dp_size} dp chunk(s)" in str(error) and "2 ranks" in str(error)
             assert "dp_size=2" in str(error)
         # two chunks, but of 3 and 1 sequences
         three_in, three_out = grpo_collate(episodes[:3])
         one_in, one_out = grpo_collate(episodes[3:])
-        with pytest.raises(ActorError, match=r"\[3, 1\] sequences"):
+        with pytest.raises(ValueError, match=r"\[3, 1\] sequences"):
             await trainer.train_step.call(three_in + one_in, three_out + one_out)
         # and the ranks are still in step: a right batch trains
         losses = await trainer.train_step.call(*grpo_collate(episodes, dp_size=2))
@@ -137,11 +136,15 @@ async def test_two_trainers_start_side_by_side_and_leave_no_process():
         ),
         return_exceptions=True,
     )
-    running = count_children()
+    # Each trainer's own ranks, alive (a count of all children would also see
+    # a process of an earlier test that is still exiting).
+    ranks = [pid for t in started if not isinstance(t, BaseException) for pid in processes_of(t).pids]
+    running = [pid for pid in ranks if pid_alive(pid)]
     for trainer in started:
         if not isinstance(trainer, BaseException):
             await RLTrainer.shutdown(trainer)
     errors = [trainer for trainer in started if isinstance(trainer, BaseException)]
     assert not errors
-    assert running >= before + 4  # the count sees both trainers' ranks
+    assert len(set(running)) == 4  # both trainers' two ranks
+    assert await wait_for_exit(running) == []
     assert await wait_for_children(before) <= before

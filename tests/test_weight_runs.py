@@ -2,7 +2,8 @@
 
 In one process (a notebook kernel), a run's trainer pushes weights and its
 policy serves them; a later or concurrent run with its own store starts from
-its own model and never sees the other run's versions. Real processes: a
+its own model and never sees the other run's versions. Without a store, the
+tutorial's calls run as printed through the process's default store. Real processes: a
 trainer that takes a real step, Policy services on the transformers engine.
 """
 
@@ -75,7 +76,8 @@ async def test_a_new_policy_after_a_run_starts_from_its_model():
         first_store.close()
 
     # A learner re-runs the notebook from the top: a new store, a new policy.
-    # So does one who forgets the store: that policy cannot load anything.
+    # So does one who gives no store: that policy gets this process's default
+    # store, which the run above (with its own store) never published to.
     second_store = WeightStore()
     fresh, storeless = await asyncio.gather(
         Policy.options(num_replicas=1).as_service(
@@ -87,8 +89,8 @@ async def test_a_new_policy_after_a_run_starts_from_its_model():
         for service in (fresh, storeless):
             assert await service.get_version.route() == 0
             assert await greedy_answer(service) == original
-        with pytest.raises(RuntimeError, match="no weight store.*weight_store=store"):
-            await storeless.update_weights.route(1)
+        with pytest.raises(KeyError, match="weight version 41 is not in the store"):
+            await storeless.update_weights.route(41)
         assert await storeless.get_version.route() == 0  # the replica stays healthy
     finally:
         await asyncio.gather(fresh.shutdown(), storeless.shutdown())
@@ -120,3 +122,94 @@ async def test_two_runs_at_the_same_time_keep_their_own_versions():
         await asyncio.gather(*(p.shutdown() for _, p in runs), *(RLTrainer.shutdown(t) for t, _ in runs))
         for store in stores:
             store.close()
+
+
+# ---------------------------------------------------------------- the tutorial's weight sync, as printed
+
+
+async def test_the_tutorials_weight_sync_runs_as_printed():
+    """No ``weight_store=`` anywhere: the trainer and the policy of this
+    process meet in its default store, and the policy serves the trainer's weights."""
+    from forge_lite.actors.default_store import default_weight_store
+
+    trainer, policy = await asyncio.gather(
+        RLTrainer.options(procs=1).as_actor(
+            model=DEFAULT_MODEL, optimizer={"name": "AdamW", "lr": 1e-2}, training={"seq_len": 256},
+        ),
+        Policy.options(procs=1, num_replicas=2).as_service(
+            engine_config={"backend": "transformers"}, sampling_config=GREEDY
+        ),
+    )
+    store = await default_weight_store()
+    try:
+        original = await greedy_answer(policy)
+        await train_step(trainer, seed=0)
+        # The tutorial's real_weight_sync(trainer, policy, step=0):
+        await trainer.push_weights.call_one(policy_version=0 + 1)
+        await policy.update_weights.fanout(policy_version=0 + 1)
+        assert await policy.get_version.route() == 1
+        assert await policy.get_version.fanout() == [1, 1]
+        trained = (await trainer.state_dict.call_one())["model"]
+        published = store.get(1)
+        assert all(torch.equal(published[name], trained[name].to(published[name].dtype)) for name in published)
+        first_answer = await greedy_answer(policy)
+        assert first_answer != original  # the replicas serve the trained weights
+
+        # The production loop's form: `.call(step + 1)`, then a fanout.
+        await train_step(trainer, seed=1)
+        await trainer.push_weights.call(2)
+        await policy.update_weights.fanout(2)
+        assert await policy.get_version.fanout() == [2, 2]
+        assert store.versions()[-1] == 2
+
+        # A replica respawned inside the running service comes back at the version it serves.
+        await policy.kill_replica(1)
+        await policy.wait_for_state(1, "HEALTHY", timeout=120)
+        assert await policy.get_version.fanout() == [2, 2]
+
+        # A new Policy service starts at version 0 with its model's weights,
+        # though the default store holds version 2.
+        fresh = await Policy.options(num_replicas=1).as_service(
+            engine_config={"backend": "transformers"}, sampling_config=GREEDY
+        )
+        try:
+            assert await fresh.get_version.route() == 0
+            assert await greedy_answer(fresh) == original
+            await fresh.update_weights.route(2)  # and loads a version when asked
+            assert await fresh.get_version.route() == 2
+        finally:
+            await fresh.shutdown()
+    finally:
+        await asyncio.gather(policy.shutdown(), RLTrainer.shutdown(trainer))
+
+
+async def test_the_default_store_takes_the_newest_trainer_and_refuses_the_older():
+    """A learner re-runs the trainer's cell: the new trainer's first push
+    drops the old one's versions; the old trainer pushing again is an error
+    that says how to run two trainers side by side. Explicit stores stay apart."""
+    from forge_lite.actors.default_store import default_weight_store
+
+    spec = dict(model=DEFAULT_MODEL, optimizer={"name": "AdamW", "lr": 1e-2}, training={"seq_len": 256})
+    older, newer = await asyncio.gather(
+        RLTrainer.options(procs=1).as_actor(**spec), RLTrainer.options(procs=1).as_actor(**spec)
+    )
+    separate = WeightStore()
+    own = await RLTrainer.options(procs=1).as_actor(**spec, weight_store=separate)
+    store = await default_weight_store()
+    try:
+        await older.push_weights.call_one(5)
+        await older.push_weights.call_one(6)
+        assert store.versions()[-2:] == [5, 6]
+        await newer.push_weights.call_one(1)
+        assert store.versions() == [1]  # the older trainer's run is gone from the store
+        with pytest.raises(RuntimeError, match=r"newer RLTrainer.*weight_store=store"):
+            await older.push_weights.call_one(7)
+        assert store.versions() == [1]  # nothing of the refused push was published
+        await newer.push_weights.call_one(2)
+        assert store.versions() == [1, 2]
+        # A trainer with its own store publishes there only.
+        await own.push_weights.call_one(9)
+        assert separate.versions() == [9] and store.versions() == [1, 2]
+    finally:
+        await asyncio.gather(*(RLTrainer.shutdown(t) for t in (older, newer, own)))
+        separate.close()

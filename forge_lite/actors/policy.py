@@ -35,6 +35,7 @@ import asyncio
 import os
 from dataclasses import dataclass
 
+from forge_lite.actors.default_store import with_default_weight_store
 from forge_lite.actors.engines import Completion, SamplingConfig, make_engine
 from forge_lite.actors.weight_server import ActorWeightStore
 from forge_lite.actors.weights import WeightStore
@@ -77,8 +78,10 @@ class Policy(ForgeActor):
     them per request.
     `weight_store`: the run's weight store, the one its trainer pushes to: a
     `WeightStore` (a folder, one host) or an `ActorWeightStore` (versions
-    fetched from the trainer's process, any host); without it `update_weights`
-    raises RuntimeError.
+    fetched from the trainer's process, any host). Without it, the service gets
+    the kernel's default store, where the kernel's trainers without a store
+    publish (`forge_lite.actors.default_store`), so the tutorial's weight sync
+    runs as printed; pass a store to keep two runs apart.
     `policy_version`: start from this version of `weight_store` instead of
     the model's own weights (a KeyError naming the versions held if it is
     not there).
@@ -100,6 +103,12 @@ class Policy(ForgeActor):
         self.sampling_config = dict(sampling_config or {})
         self.weight_store = weight_store
         self.policy_version = policy_version
+
+    @classmethod
+    async def caller_defaults(cls, args: tuple, kwargs: dict) -> dict:
+        """Without ``weight_store=``, the kernel's default store, where the
+        trainers of this kernel publish (``forge_lite.actors.default_store``)."""
+        return await with_default_weight_store(cls.actor_class(), args, kwargs)
 
     @endpoint
     async def setup(self) -> None:
@@ -159,9 +168,8 @@ class Policy(ForgeActor):
         """Serve the weights the trainer published as `policy_version`."""
         if self.weight_store is None:
             raise RuntimeError(
-                "this Policy has no weight store: create one for the run, "
-                "`store = WeightStore()`, and pass `weight_store=store` to the Policy and "
-                "to the RLTrainer that pushes the weights"
+                "this Policy has no weight store: it was spawned without Policy.as_service/as_actor, "
+                "which give it one; pass `weight_store=store` (the RLTrainer's store) to it"
             )
         # Fetch the whole version first (a file read or an actor message), so
         # generation goes on meanwhile, and a transfer that fails leaves the

@@ -47,6 +47,7 @@ The controller's calls (``batch`` is what ``replay_buffer.sample`` returns):
         model=..., optimizer=..., training=..., weight_store=store)
     inputs, targets = batch                                  # lists of 2 chunks (dp_size=2)
     losses = await trainer.train_step.call(inputs, targets)  # one loss per rank, all equal
+    # or {"loss": ..., "clip_fraction": ...} per rank, with_metrics=True
     loss = next(iter(losses.values()))
     await trainer.push_weights.call(policy_version=1)        # returns once the version is stored
     await RLTrainer.shutdown(trainer)
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import os
 import socket
@@ -66,13 +68,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from forge_lite.actors.default_store import Publisher, is_default, with_default_weight_store
 from forge_lite.actors.hf_model import default_device, load_causal_lm, response_logits
 from forge_lite.actors.weights import WeightStore
 from forge_lite.controller import ForgeActor
 from forge_lite.controller.actor import processes_of
 from forge_lite.rl.collate import drop_padding_columns
 from forge_lite.rl.loss import grpo_loss, token_logprobs
-from monarch.actor import ActorError, current_rank, current_size, endpoint
+from monarch.actor import current_rank, current_size, endpoint
 
 
 @dataclass
@@ -119,7 +122,16 @@ class TrainingConfig:
 
 class RLTrainer(ForgeActor):
     """Trains the policy model with a loss ``loss(logprobs, ref_logprobs, advantages,
-    padding_mask) -> scalar`` (GRPO by default); data-parallel with ``procs > 1``."""
+    padding_mask) -> scalar`` (GRPO by default); data-parallel with ``procs > 1``.
+
+    A loss whose signature names them (or takes ``**kwargs``) also gets
+    ``behaviour_logprobs`` (the sampler's, when the batch has them) and
+    ``tokens_per_sequence`` (the whole batch's loss tokens per sequence, for
+    a token mean over micro-batches); one that returns a
+    ``forge_lite.rl.loss.LossOutput`` reports its clip fraction
+    (``train_step(..., with_metrics=True)``). ``forge_lite.rl.loss.policy_loss``
+    does all three.
+    """
 
     def __init__(
         self,
@@ -131,8 +143,9 @@ class RLTrainer(ForgeActor):
     ):
         """``weight_store``: the run's weight store, a ``WeightStore`` (a folder)
         or an ``ActorWeightStore`` (versions kept in this process, for several hosts),
-        where ``push_weights`` publishes (the Policy it feeds gets the same one); without it
-        ``push_weights`` raises RuntimeError."""
+        where ``push_weights`` publishes (the Policy it feeds gets the same one). Without it,
+        ``as_actor`` gives the trainer the kernel's default store, where the kernel's
+        policies without a store load from (``forge_lite.actors.default_store``)."""
         self.weight_store = weight_store
         self.model_spec = model
         self.optimizer_config = {"name": "AdamW", "lr": 1e-5, **(optimizer or {})}
@@ -156,18 +169,23 @@ class RLTrainer(ForgeActor):
         try:
             port = await trainer.slice(**{dim: 0 for dim in trainer.extent}).free_port.call_one()
             await trainer.join.call(_meeting_host(trainer), port)
-        except BaseException as error:
+        except BaseException:
             await cls.shutdown(trainer)
-            if isinstance(error, ActorError):  # the rank's own error, e.g. a timeout connecting
-                raise error.exception from None
-            raise
+            raise  # the rank's own error (e.g. a timeout connecting) arrives as itself
         return trainer
 
     # Configuration is checked here rather than in __init__: an error in setup
     # reaches the caller of as_actor as itself (a ValueError).
+    @classmethod
+    async def caller_defaults(cls, args: tuple, kwargs: dict) -> dict:
+        """Without ``weight_store=``, the kernel's default store, where the
+        policies of this kernel load from (``forge_lite.actors.default_store``)."""
+        return await with_default_weight_store(cls.actor_class(), args, kwargs)
+
     @endpoint
     async def setup(self) -> None:
         self.rank = current_rank().rank
+        self._publisher = Publisher()  # this trainer's claim on a default store
         self.world_size = math.prod(current_size().values())
         # Checked before the ranks meet: a rank that fails alone would leave
         # the others waiting for it.
@@ -227,8 +245,14 @@ class RLTrainer(ForgeActor):
             dist.destroy_process_group()
 
     @endpoint
-    def train_step(self, inputs: list[dict], targets: list[dict]) -> float:
-        """One optimizer step on the batch; returns the whole batch's loss before the step."""
+    def train_step(self, inputs: list[dict], targets: list[dict], with_metrics: bool = False) -> float | dict:
+        """One optimizer step on the batch; returns the whole batch's loss before the step.
+
+        ``with_metrics=True`` returns ``{"loss": ..., "clip_fraction": ...}``
+        instead: the share of the batch's ratios (tokens, or sequences under
+        GSPO) whose gradient the loss's clip changed; NaN for a loss that
+        reports none (SAPO, or a plain scalar loss).
+        """
         if self.world_size > 1 and not dist.is_initialized():
             raise RuntimeError(
                 f"this trainer's {self.world_size} ranks are not connected: start it with "
@@ -248,12 +272,21 @@ class RLTrainer(ForgeActor):
             key: target[key].to(device) if key in target else None
             for key in ("ref_logprobs", "advantages", "padding_mask")
         }
+        if "behaviour_logprobs" in target and accepts(self.loss, "behaviour_logprobs"):
+            loss_inputs["behaviour_logprobs"] = target["behaviour_logprobs"].to(device)
+        extra = {}
+        if accepts(self.loss, "tokens_per_sequence"):
+            # Over every chunk, so that a token mean is the whole batch's (see
+            # forge_lite.rl.loss.aggregate), whatever the micro-batches and ranks.
+            loss_tokens = sum(int(chunk["padding_mask"].sum()) for chunk in targets)
+            extra["tokens_per_sequence"] = loss_tokens / global_batch_size
 
         batch_size = tokens.shape[0]
         micro = self.training.local_batch_size or batch_size
         starts = range(0, batch_size, micro)
         self.optimizer.zero_grad(set_to_none=True)
         batch_loss = 0.0
+        clip_counts = torch.zeros(2, dtype=torch.float64)  # ratios clipped, ratios counted
         for start in starts:
             rows = slice(start, start + micro)
             # DDP all-reduces gradients in every backward; no_sync skips that
@@ -266,7 +299,10 @@ class RLTrainer(ForgeActor):
                 logprobs = token_logprobs(logits, tokens[rows, request_len:])
                 loss = self.loss(logprobs, **{
                     key: None if value is None else value[rows] for key, value in loss_inputs.items()
-                })
+                }, **extra)
+                if isinstance(loss, tuple):  # a LossOutput: the loss and its clip counts
+                    loss, clipped, counted = loss
+                    clip_counts += torch.tensor([float(clipped), float(counted)], dtype=torch.float64)
                 # The loss is a mean over a micro-batch's sequences; weighting it
                 # by the micro-batch's share of the whole batch makes the summed
                 # gradients the whole batch's mean. DDP divides the summed
@@ -279,11 +315,15 @@ class RLTrainer(ForgeActor):
         self.scheduler.step()
         if self.world_size > 1:
             # Each rank summed its part of the batch mean; the sum over ranks
-            # is the whole batch's, the same number on every rank.
-            total = torch.tensor(batch_loss, dtype=torch.float64, device=device)
+            # is the whole batch's, the same number on every rank. So are the
+            # clip counts.
+            total = torch.tensor([batch_loss, *clip_counts.tolist()], dtype=torch.float64, device=device)
             dist.all_reduce(total)
-            batch_loss = total.item()
-        return batch_loss
+            batch_loss, clip_counts = total[0].item(), total[1:].cpu()
+        if not with_metrics:
+            return batch_loss
+        clipped, counted = clip_counts.tolist()
+        return {"loss": batch_loss, "clip_fraction": clipped / counted if counted else float("nan")}
 
     def _my_part(self, inputs: list[dict], targets: list[dict]) -> tuple[dict, dict, int]:
         """This rank's chunk (every chunk, merged, on one process) and the
@@ -331,12 +371,13 @@ class RLTrainer(ForgeActor):
         """
         if self.weight_store is None:
             raise RuntimeError(
-                "this RLTrainer has no weight store: create one for the run, "
-                "`store = WeightStore()`, and pass `weight_store=store` to the RLTrainer and "
-                "to the Policy it feeds"
+                "this RLTrainer has no weight store: it was spawned without RLTrainer.as_actor, "
+                "which gives it one; pass `weight_store=store` (the Policy's store) to it"
             )
         try:
             if self.rank == 0:
+                if is_default(self.weight_store):  # one trainer at a time: see default_store
+                    await self._publisher.check(self.weight_store)
                 # Async, as either store allows: a WeightStore writes its file in
                 # a thread; an ActorWeightStore keeps a copy in this process and
                 # lists it with its server (one small message).
@@ -371,7 +412,17 @@ class RLTrainer(ForgeActor):
 
     @endpoint
     def load_state_dict(self, state: dict) -> None:
-        """Continue from what ``state_dict`` returned: weights, optimizer, schedule.
+        """Continue from what ``state_dict`` returned, under this trainer's own config.
+
+        What the steps taken made is restored: the weights, the optimizer's
+        per-parameter state (Adam's moments) and the step count ``n``. What
+        a config defines is this trainer's, not the saved one's: the
+        optimizer's settings (``lr``, ``weight_decay``, ...) and the learning
+        rate schedule, which continues at step ``n`` as this trainer's
+        ``lr_factor(n)`` says. A run resumed with more ``steps`` under
+        ``decay_steps`` therefore trains step ``n`` at exactly the rate an
+        uninterrupted run of the new length uses there, not at the rate the
+        shorter schedule had reached (0, for a run that finished).
 
         Call it on every rank (``call``) with the same state, so the ranks
         stay identical. Raises ValueError if ``state`` lacks one of the four
@@ -382,8 +433,28 @@ class RLTrainer(ForgeActor):
             raise ValueError(f"RLTrainer.load_state_dict: the state lacks {missing}; pass what "
                              "state_dict() returned")
         self.model.load_state_dict(state["model"])
+        # The saved param_groups hold the saved run's settings, and its lr is
+        # where the saved schedule had got to: keep this trainer's settings.
+        settings = [{key: value for key, value in group.items() if key != "params"}
+                    for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])  # moves Adam's moments to the model's device
-        self.scheduler.load_state_dict(state["scheduler"])
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
+        # The saved scheduler state (its last lr, its base lrs) is not loaded
+        # for the same reason: a new schedule from this config, at step n,
+        # sets the rate the next step uses to lr * lr_factor(n).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, self.training.lr_factor, last_epoch=state["step"] - 1
+        )
+
+
+def accepts(function: Callable, name: str) -> bool:
+    """Whether ``function`` (a partial too) takes a keyword argument ``name``."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # no signature to read: pass only the four
+        return False
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def to_cpu(value):

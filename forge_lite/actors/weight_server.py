@@ -88,13 +88,16 @@ class WeightServer(ForgeActor):
 
     Endpoints: ``put(version, published)``, ``locate(version)`` (a KeyError
     naming the versions held when it was dropped or never published),
-    ``versions()`` (oldest first) and ``latest()`` (None while empty).
+    ``versions()`` (oldest first), ``latest()`` (None while empty), and
+    ``claim(token)``/``publisher()`` (one trainer at a time, for the
+    kernel's default store: ``forge_lite.actors.default_store``).
     Raises ValueError (in setup, so ``as_actor`` reports it) for ``keep_last < 1``.
     """
 
     def __init__(self, keep_last: int = 2):
         self.keep_last = keep_last
         self._versions: dict[int, PublishedVersion] = {}
+        self._publisher: str | None = None
 
     @endpoint
     async def setup(self) -> None:
@@ -125,6 +128,16 @@ class WeightServer(ForgeActor):
     @endpoint
     async def versions(self) -> list[int]:
         return sorted(self._versions)
+
+    @endpoint
+    async def claim(self, publisher: str) -> None:
+        """Make ``publisher`` (a token) the only publisher: earlier versions are dropped."""
+        self._versions.clear()
+        self._publisher = publisher
+
+    @endpoint
+    async def publisher(self) -> str | None:
+        return self._publisher
 
     @endpoint
     async def latest(self) -> int | None:
@@ -233,6 +246,14 @@ class ActorWeightStore:
 
     async def aversions(self) -> list[int]:
         return await self.handle.versions.call_one()
+
+    async def aclaim(self, publisher: str) -> None:
+        """Make ``publisher`` the store's publisher, dropping earlier versions
+        (as ``WeightStore.claim``)."""
+        await self.handle.claim.call_one(publisher)
+
+    async def apublisher(self) -> str | None:
+        return await self.handle.publisher.call_one()
 
     async def alatest(self) -> int | None:
         return await self.handle.latest.call_one()

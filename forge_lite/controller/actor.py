@@ -31,6 +31,7 @@ from monarch._src.actor.endpoint import EndpointProperty
 from monarch.actor import Actor, endpoint
 
 from forge_lite.controller import procs as _procs
+from forge_lite.controller.actor_handle import PortableMesh
 from forge_lite.controller.errors import portable
 from forge_lite.controller.spawn import spawn_actor_mesh
 from forge_lite.controller.service_config import ServiceConfig
@@ -126,6 +127,17 @@ class ForgeActor(Actor):
     async def setup(self) -> None:
         """Heavy initialisation; runs once on every process after __init__."""
 
+    @classmethod
+    async def caller_defaults(cls, args: tuple, kwargs: dict) -> dict:
+        """The constructor's keyword arguments, with what the calling process
+        supplies when the caller left it out; ``as_actor`` and ``as_service``
+        call it once, and a respawned replica gets the same arguments.
+
+        Here: ``kwargs`` unchanged. The Policy and the RLTrainer fill in the
+        kernel's default weight store (``forge_lite.actors.default_store``).
+        """
+        return kwargs
+
     # ------------------------------------------------------------ configure
 
     @classmethod
@@ -217,6 +229,9 @@ class ForgeActor(Actor):
         each; return the ActorMesh.
 
         Use Monarch's adverbs on the result: ``await actor.ep.call_one(...)``.
+        An exception the endpoint raises reaches the caller as itself (not
+        wrapped in Monarch's ActorError), its remote traceback as a note, as
+        through a service.
         On a cluster the actor goes to the least-occupied hosts (of
         ``on_hosts``, when given), and a mesh over several hosts has the
         dimensions ``hosts`` and ``procs``. Raises ValueError when ``hosts``
@@ -224,6 +239,7 @@ class ForgeActor(Actor):
         """
         from forge_lite.controller import cluster as _cluster
 
+        kwargs = await cls.caller_defaults(args, kwargs)
         name = cls.mesh_name or cls.actor_class().__name__.lower()
         cluster = _cluster.current()
         prefer = None  # the hosts on_hosts chooses: validated before anything starts
@@ -238,7 +254,7 @@ class ForgeActor(Actor):
             placement = cluster.place(cls.hosts or 1, cls.procs, cls.with_gpus,
                                       f"{cls.__name__}.options(hosts={cls.hosts})", prefer=prefer)
             processes = await _procs.spawn_processes(cls.procs, name, placement=placement)
-        mesh = await spawn_actor_mesh(cls, processes, name, args, kwargs)
+        mesh = PortableMesh.of(await spawn_actor_mesh(cls, processes, name, args, kwargs))
         _handles[id(mesh)] = (mesh, processes)
         return mesh
 
@@ -247,7 +263,7 @@ class ForgeActor(Actor):
         """Spawn ``num_replicas`` replicas behind a router; return the service."""
         from forge_lite.controller.service import Service
 
-        return await Service.start(cls, args, kwargs)
+        return await Service.start(cls, args, await cls.caller_defaults(args, kwargs))
 
     @classmethod
     async def shutdown(cls, handle: Any) -> None:

@@ -44,6 +44,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import psutil
 from monarch.actor import Actor, HostMesh, attach_to_workers, endpoint, this_host
 
 from forge_lite.controller import runtime
@@ -92,7 +93,19 @@ def host_facts() -> dict:
         "forge_lite": _version("forge-lite"),
         "monarch": _version("torchmonarch"),
         "worker_pid": os.getppid(),
+        # With the worker's pid, which worker this is: two addresses that reach
+        # the same (boot, pid) are one worker spelled twice.
+        "boot_id": _boot_id(),
     }
+
+
+def _boot_id() -> str:
+    """This boot of this machine (Linux: a random id per boot); the hostname elsewhere."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return socket.gethostname()
 
 
 def _version(dist: str) -> str | None:
@@ -121,8 +134,6 @@ class HostAgent(Actor):
     def kill(self, pids: list[int], sig: int = signal.SIGKILL) -> list[int]:
         """Send ``sig`` to those of ``pids`` that are this worker's children
         (a pid of a process long gone may belong to someone else by now)."""
-        import psutil
-
         worker = os.getppid()
         killed = []
         for pid in pids:
@@ -138,8 +149,6 @@ class HostAgent(Actor):
     def kill_host(self) -> None:
         """SIGKILL the worker and every process it started, this one last:
         to the rest of the cluster, the machine is gone."""
-        import psutil
-
         worker = psutil.Process(os.getppid())
         for child in worker.children(recursive=True):
             if child.pid != os.getpid():
@@ -513,13 +522,15 @@ class Cluster:
         new worker at a dead one's address from the same process).
 
         Raises ValueError for a host that is up or a bad address, IndexError
-        for no such host, ClusterError when the worker cannot be attached or
-        runs other versions.
+        for no such host, ClusterError when the worker cannot be attached,
+        runs other versions, or is a worker the cluster already has.
         """
         host = self.host(index)
         if host.state != LOST:
             raise ValueError(f"{host.label} is {host.state}: only a lost host can be replaced")
         _host_port(address)
+        others = [h for h in self.hosts if h is not host and h.address and h.state != LOST]
+        _refuse_same_endpoint([*(h.address for h in others), address])
         if not await accepts_connections(address, timeout=min(timeout, 3.0)):
             raise ClusterError(f"no worker answers at {address}")
         try:
@@ -529,6 +540,7 @@ class Cluster:
         candidate = Host(index, address, mesh, facts)
         try:
             _check_versions(candidate)
+            _refuse_same_worker([*others, candidate])
         except ClusterError:
             from forge_lite.controller.procs import stop_processes
 
@@ -653,6 +665,82 @@ def _host_port(address: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise ValueError(f"worker address {address!r}: expected tcp://HOST:PORT, e.g. tcp://10.0.0.2:26600")
     return host.strip("[]"), int(port)
+
+
+def _endpoint(address: str) -> tuple[str, int]:
+    """Where ``tcp://HOST:PORT`` connects: (IP, port) after name resolution,
+    with IPv4 written one way (``localhost``, ``127.1`` and ``127.0.0.1`` are
+    one endpoint). On this machine, a port that one socket listens on for
+    every address (a worker started with ``tcp://0.0.0.0:PORT``) is one
+    endpoint however it is reached: ``("this machine", PORT)``."""
+    host, port = _host_port(address)
+    try:
+        ip = ipaddress.ip_address(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0])
+    except (OSError, ValueError, IndexError):
+        return host, port  # unresolvable: attaching will say so
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if _is_local(ip) and port in _wildcard_listeners():
+        return "this machine", port
+    return str(ip), port
+
+
+def _is_local(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Is ``ip`` an address of this machine (in this network namespace)?"""
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((str(ip), 0))  # only an address this machine has can be bound
+        return True
+    except OSError:
+        return False
+
+
+def _wildcard_listeners() -> set[int]:
+    """TCP ports this machine listens on for every address (0.0.0.0 or ::).
+    Read from the kernel's socket table, which any user may read."""
+    try:
+        listening = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return set()
+    return {c.laddr.port for c in listening
+            if c.status == psutil.CONN_LISTEN and c.laddr and ipaddress.ip_address(c.laddr.ip).is_unspecified}
+
+
+def _refuse_same_endpoint(addresses: Sequence[str]) -> None:
+    """ClusterError when two addresses resolve to the same IP and port: one
+    worker would be attached as two hosts, and everything placed "on two
+    hosts" would share one machine's memory and die together."""
+    seen: dict[tuple[str, int], str] = {}
+    for address in addresses:
+        endpoint = _endpoint(address)
+        if endpoint in seen:
+            ip, port = endpoint
+            where = f"{ip}:{port} after name resolution" if ip != "this machine" else \
+                f"one worker listens on port {port} of this machine for every address"
+            raise ClusterError(f"{seen[endpoint]} and {address} are the same worker ({where}): attach each worker once")
+        seen[endpoint] = address
+
+
+def _refuse_same_worker(hosts: Sequence["Host"]) -> None:
+    """ClusterError when two attached hosts are one worker process (same boot
+    of the same machine, same pid): addresses that resolve differently but
+    reach one worker, e.g. ``127.0.0.1`` and this machine's own IP for a worker
+    listening on ``0.0.0.0``."""
+    seen: dict[tuple, str] = {}
+    for host in hosts:
+        facts = host.facts or {}
+        if host.address is None or facts.get("worker_pid") is None:
+            continue
+        key = (facts.get("boot_id"), facts.get("hostname"), facts["worker_pid"])
+        if key in seen:
+            raise ClusterError(
+                f"{seen[key]} and {host.address} are the same worker (pid {facts['worker_pid']} on "
+                f"{facts.get('hostname')}): attach each worker once"
+            )
+        seen[key] = host.address
 
 
 def _is_loopback(host: str) -> bool:
@@ -815,7 +903,9 @@ async def attach_cluster(
     Raises:
         ValueError: an address that is not ``tcp://HOST:PORT``, or none given.
         ClusterError: a worker that cannot be reached or attached within
-            ``timeout`` (its address is named), one with other versions,
+            ``timeout`` (its address is named), one with other versions, two
+            addresses that reach the same worker (``tcp://127.0.0.1:P`` and
+            ``tcp://localhost:P``: both spellings are named),
             replicas still running on the current cluster, or a process that
             already uses Monarch over Unix sockets and now needs TCP. Nothing
             stays attached after an error.
@@ -831,6 +921,7 @@ async def attach_cluster(
         _host_port(address)
     if len(set(addresses)) != len(addresses):
         raise ValueError(f"worker addresses repeat: {addresses}")
+    _refuse_same_endpoint(addresses)
     _check_idle()
     for address in addresses:
         if not await accepts_connections(address, timeout=min(timeout, 3.0)):
@@ -856,6 +947,7 @@ async def attach_cluster(
             hosts.append(Host(first + i, address, mesh, facts, agent=agent, agent_procs=agent_procs))
         for host in hosts:
             _check_versions(host)
+        _refuse_same_worker(hosts)
     except BaseException:  # nothing stays attached: stop the agents that did start
         cluster.hosts = [Host(-1, None, r[0], agent_procs=r[1]) for r in results if not isinstance(r, BaseException)]
         await cluster.close()

@@ -83,3 +83,24 @@ def portable(error: BaseException) -> BaseException:
         str(error),
         "".join(traceback.format_exception(error)),
     )
+
+
+def remote_exception(actor_error: BaseException) -> BaseException:
+    """The endpoint's own exception out of Monarch's ``ActorError`` wrapper,
+    with the traceback from the actor's process attached as a note (once).
+
+    Both ways of calling an actor raise what this returns: a service's
+    ``route``/``fanout`` and an actor handle's ``call_one``/``call``/``choose``
+    (``forge_lite.controller.actor_handle``). Anything other than an
+    ``ActorError`` (a dead process, a timeout) is returned unchanged.
+    """
+    original = getattr(actor_error, "exception", None)
+    formatted = getattr(actor_error, "exception_formatted", None)
+    if not isinstance(original, BaseException):
+        return actor_error
+    if isinstance(original, RemoteError):
+        return original  # already carries its traceback as a note
+    note = f"(raised on the actor's process; its traceback:)\n{(formatted or '').rstrip()}"
+    if formatted and note not in getattr(original, "__notes__", ()):
+        original.add_note(note)
+    return original

@@ -9,6 +9,7 @@ from monarch._src.actor.endpoint import EndpointProperty
 from monarch.actor import ActorError
 
 from forge_lite.controller import procs as _procs
+from forge_lite.controller.errors import remote_exception
 
 
 def endpoint_names(cls: type) -> list[str]:
@@ -31,7 +32,7 @@ async def spawn_actor_mesh(cls: type, processes: _procs.Processes, actor_name: s
         try:
             await mesh.setup.call()
         except ActorError as e:
-            raise e.exception from None
+            raise remote_exception(e) from None
         except RuntimeError as e:
             if "Supervision" in type(e).__name__ or "aborted" in str(e):
                 raise RuntimeError(

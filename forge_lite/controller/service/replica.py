@@ -28,6 +28,7 @@ from monarch.actor import ActorError
 
 from forge_lite.controller import procs as _procs
 from forge_lite.controller import runtime
+from forge_lite.controller.errors import remote_exception
 from forge_lite.controller.spawn import spawn_actor_mesh
 
 
@@ -316,7 +317,7 @@ class Replica:
                 raise HostLost(_reason(e)) from None  # abandon(): its host is lost
             raise
         except ActorError as e:
-            raise UserError(e.exception) from None
+            raise UserError(remote_exception(e)) from None
         except (TypeError, ValueError):
             raise  # bad arguments, checked on the caller's side: the caller's error
         except Exception as e:  # SupervisionError and friends: infrastructure

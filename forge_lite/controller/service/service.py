@@ -235,7 +235,9 @@ class Service:
         ``max_retries`` times."""
         self._check_open()
         session = sess_id or current_session(self.id)
-        if session is not None and session not in self.sessions:
+        if session is not None and self.sessions.has_ended(session):
+            session = None  # ended: route as if it had no session, and pin nothing
+        elif session is not None and session not in self.sessions:
             self.sessions.start(session)
         request = Request(endpoint, args, kwargs, session, id=next(self._request_ids))
         while True:
@@ -362,6 +364,8 @@ class Service:
         is taken then, so the error fails this one request only.
         """
         candidates = [r for r in self.replicas if r.accepting and r.has_room]
+        if request.session is not None and request.session not in self.sessions:
+            request.session = None  # its session ended while it waited: no pin may outlive it
         if request.session is not None:
             return self._pick_for_session(request.session, candidates)
         if not candidates:
