@@ -28,6 +28,19 @@ from forge_lite.controller.service.events import CallbackErrors
 
 
 class Throttle:
+    """Calls ``fn`` (no arguments) at most once every ``interval`` seconds,
+    merging the calls made meanwhile; see the module docstring.
+
+    ``max_share`` (0 to 1] bounds the share of the event loop's time ``fn``
+    may take: after a run of ``d`` seconds the next waits ``d / max_share``.
+    ``runs`` counts the runs and ``busy_s`` their seconds, for tests and for
+    a learner who wants to see what the drawing costs. An exception from
+    ``fn`` is reported once as a warning and never raised to the caller.
+
+    Example: ``redraw = Throttle(view.draw, interval=0.25, max_share=0.05)``;
+    call ``redraw()`` on every event, ``redraw.flush()`` for the last one.
+    """
+
     def __init__(self, fn: Callable[[], None], interval: float = 0.1, max_share: float = 1.0):
         self.fn = fn
         self.interval = interval
@@ -40,6 +53,8 @@ class Throttle:
         self._errors = CallbackErrors("redraw")
 
     def __call__(self) -> None:
+        """Schedule a run on the running loop (merged with one already
+        scheduled); with no running loop (a plain script), run now."""
         if self._pending is not None:
             return
         try:
@@ -67,6 +82,7 @@ class Throttle:
         self._run()
 
     def cancel(self) -> None:
+        """Drop a scheduled run, if any."""
         if self._pending is not None:
             self._pending.cancel()
             self._pending = None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import html
 import io
+import math
 
 import ipywidgets as w
 
@@ -76,6 +77,18 @@ def coincide(a: list[float], b: list[float], within: float = SAME_WITHIN) -> boo
 
 
 class TrainingDashboard(w.VBox):
+    """A live view of a GRPO run: a header and four panels (see the module docstring).
+
+    ``recorder``: the run's ``MetricsRecorder`` (``run.recorder``); the
+    dashboard follows what it records from now on and draws what it already
+    holds. ``redraw_interval``: seconds between figure redraws at most;
+    ``max_share``: the largest share of the kernel's event loop the figure
+    may take (0.02: 2 %). ``detach()`` stops following; ``header_text()``
+    is the header as plain text.
+
+    Example: ``display(TrainingDashboard(run.recorder))`` before ``await run.train()``.
+    """
+
     def __init__(self, recorder, redraw_interval: float = 2.0, max_share: float = 0.02):
         self.recorder = recorder
         self._header = w.HTML()
@@ -146,6 +159,14 @@ class TrainingDashboard(w.VBox):
                 f"loss {number(last.loss, '.4f')}, KL {number(last.kl, '.4f')}, "
                 f"buffer {last.buffer_size}, {last.tokens_per_s:.0f} tokens/s"
             )
+            # How often the loss's clip fired (none under SAPO), and the groups
+            # whose rewards were all equal: with every group so, the loss sits
+            # at 0 while nothing is learnt (watch the reward, not the loss).
+            clip = "" if math.isnan(last.clip_fraction) else f"clipped {last.clip_fraction:.1%} of the ratios, "
+            if not math.isnan(last.zero_std_fraction):
+                lines.append(f"{clip}{last.zero_std_fraction:.0%} of the groups got equal rewards (they teach nothing)")
+            elif clip:
+                lines.append(clip.rstrip(", "))
         return "\n".join(lines)
 
     def _redraw_header(self) -> None:

@@ -144,7 +144,17 @@ class LocalReplayBuffer:
 
 
 class ReplayBuffer(ForgeActor):
-    """The replay buffer as an actor (the tutorial's ``ReplayBuffer``)."""
+    """The replay buffer as an actor (the tutorial's ``ReplayBuffer``).
+
+    ``batch_size`` episodes per data-parallel rank per ``sample``,
+    ``dp_size`` ranks, ``max_policy_age`` versions an episode may lag the
+    policy being trained before it is evicted, ``seed`` for the sampler
+    (None: a fresh one), ``collate`` turns sampled episodes into the
+    trainer's batch (None: lists of episodes, one per rank). Raises
+    ValueError (from ``as_actor``) for a size below 1 or a negative age.
+    """
+
+    shares_process = True  # runs no model: lives on the caller's shared process of light actors
 
     def __init__(
         self,
@@ -164,6 +174,13 @@ class ReplayBuffer(ForgeActor):
 
     @endpoint
     def add(self, episode: Any) -> None:
+        """Store one episode (an ``Episode`` with an ``advantage`` set, for GRPO).
+
+        Raises TypeError when it has no integer ``policy_version`` (the age
+        rule needs one), ValueError when its reward, advantage or logprobs are
+        not finite; nothing is stored then.
+        Example: ``await replay_buffer.add.call_one(episode)``.
+        """
         self.buffer.add(episode)
 
     @endpoint
@@ -173,22 +190,45 @@ class ReplayBuffer(ForgeActor):
 
     @endpoint
     def sample(self, curr_policy_version: int, batch_size: int | None = None) -> Any | None:
+        """Take ``batch_size * dp_size`` episodes at random, collated; None while
+        the buffer holds fewer (then nothing is taken).
+
+        First evicts episodes more than ``max_policy_age`` versions older than
+        ``curr_policy_version`` (the policy version being trained). With the
+        default GRPO collate the result is ``(inputs, targets)``, one dict per
+        data-parallel rank: ``inputs[r]["tokens"]`` is ``[batch_size, req+res]``
+        token ids, ``targets[r]`` holds ``response``, ``advantages`` (``[b, 1]``),
+        ``padding_mask`` and the logprobs, each ``[b, res]`` (see
+        ``forge_lite.rl.collate``). ``batch_size`` overrides the configured
+        one for this call. Sampled episodes leave the buffer.
+
+        Raises ValueError for a ``batch_size`` below 1, or when an episode
+        cannot be collated (it stays in the buffer then).
+        Example: ``batch = await replay_buffer.sample.call_one(curr_policy_version=step)``.
+        """
         return self.buffer.sample(curr_policy_version, batch_size)
 
     @endpoint
     def evict(self, curr_policy_version: int) -> int:
+        """Drop episodes whose ``policy_version`` is more than ``max_policy_age``
+        below ``curr_policy_version``; returns how many were dropped."""
         return self.buffer.evict(curr_policy_version)
 
     @endpoint
     def clear(self) -> None:
+        """Drop every episode."""
         self.buffer.clear()
 
     @endpoint
     def state_dict(self) -> dict:
+        """``{"episodes": [...], "rng_state": ...}``: the episodes held and the
+        sampler's random state, what a checkpoint needs to resume sampling
+        exactly where it stopped."""
         return self.buffer.state_dict()
 
     @endpoint
     def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned (replacing the episodes held)."""
         self.buffer.load_state_dict(state)
 
     # Not `size`: Monarch's ActorMesh has a `size` attribute, which would
