@@ -6,9 +6,12 @@ state on one replica."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
+import numpy as np
 import pytest
+from faulty_envs import NaNOnTurnTwoEnv, NoObservationEnv, NoPromptEnv, ScriptedEnv
 
 from forge_lite.assets import DEFAULT_MODEL
 from forge_lite.data.math_problems import equation
@@ -16,6 +19,7 @@ from forge_lite.data.prompts import SYSTEM_PROMPT, format_request
 from forge_lite.envs import CalculatorEnv, EpisodeOver, RetryEnv, StepResult, chat
 from forge_lite.envs.actor import EnvironmentActor, make_environment
 from forge_lite.envs.arithmetic import MAX_EXPRESSION_CHARS, CalcError, evaluate_expression, format_number
+from forge_lite.envs.base import check_step
 from forge_lite.envs.problems import ProblemStream, big_number_problems, shipped_problems
 
 PROBLEM = {"question": "What is 347 + 589?", "answer": "347 + 589 = 936\n#### 936"}
@@ -73,6 +77,72 @@ def test_bad_settings_and_names_fail_with_what_to_use():
         make_environment("chess")
     with pytest.raises(ValueError, match="####"):
         RetryEnv().reset({"question": "What is 1 + 1?", "answer": "2"})
+
+
+# ---------------------------------------------------------------- what an environment returns
+
+FINE = chat.reply("user", "Go on.")
+
+
+@pytest.mark.parametrize(
+    "returned, problem",
+    [
+        ((FINE, math.nan, False, {}), "reward is nan (float), expected a finite number"),
+        ((FINE, math.inf, False, {}), "reward is inf (float)"),
+        ((FINE, -math.inf, True, {}), "reward is -inf (float)"),
+        ((FINE, np.float32("nan"), False, {}), "reward is nan (float32)"),
+        ((FINE, 10**400, False, {}), "reward is 1000"),  # past float's range
+        ((FINE, "1.0", False, {}), "reward is '1.0' (str), expected a finite number"),
+        ((FINE, None, False, {}), "reward is None, expected a finite number"),
+        ((None, 0.0, False, {}), "observation is None, expected str"),
+        ((b"Go on.", 0.0, False, {}), "observation is b'Go on.' (bytes), expected str"),
+        ((["Go on."], 0.0, False, {}), "observation is ['Go on.'] (list), expected str"),
+        ((FINE, 0.0, None, {}), "done is None, expected bool"),
+        ((FINE, 0.0, 1, {}), "done is 1 (int), expected bool"),
+        ((FINE, 0.0, "yes", {}), "done is 'yes' (str), expected bool"),
+        ((FINE, 0.0, False, None), "info is None, expected dict"),
+        ((FINE, 0.0, False), "returned (" ),  # three values, not four
+        (None, "returned None, expected StepResult(observation, reward, done, info)"),
+    ],
+)
+def test_a_step_that_breaks_the_contract_is_an_error_naming_the_environment_and_turn(returned, problem):
+    env = ScriptedEnv()
+    env.script = [(FINE, 0.0, False, {}), returned]
+    env.reset(PROBLEM)
+    env.step("<answer>1</answer>")  # turn 1 keeps the contract
+    with pytest.raises(ValueError) as error:
+        env.step("<answer>2</answer>")
+    message = str(error.value)
+    assert message.startswith("ScriptedEnv.step on turn 2 returned") and problem in message
+
+
+def test_every_problem_of_a_step_is_named_at_once():
+    with pytest.raises(ValueError) as error:
+        check_step(RetryEnv(), (None, math.nan, 0, []), 3)
+    assert str(error.value) == (
+        "RetryEnv.step on turn 3 returned a bad result: observation is None, expected str; "
+        "reward is nan (float), expected a finite number; done is 0 (int), expected bool; "
+        "info is [] (list), expected dict"
+    )
+
+
+@pytest.mark.parametrize("reward, value", [(True, 1.0), (False, 0.0), (1, 1.0), (-2, -2.0), (np.float64(0.5), 0.5),
+                                           (np.int64(3), 3.0), (1e300, 1e300)])
+def test_a_reward_that_is_a_finite_number_of_any_kind_is_a_float(reward, value):
+    """As for reward functions: bool and int count as numbers."""
+    result = check_step(RetryEnv(), (FINE, reward, False, {"k": 1}), 1)
+    assert result == StepResult(FINE, value, False, {"k": 1}) and type(result.reward) is float
+
+
+def test_a_prompt_that_is_not_text_is_an_error_naming_the_environment():
+    with pytest.raises(ValueError, match=r"NoPromptEnv.reset \(turn 0\).*observation is None, expected str"):
+        NoPromptEnv().reset(PROBLEM)
+
+
+def test_an_environment_class_of_ones_own_is_built_and_anything_else_refused():
+    assert isinstance(make_environment(ScriptedEnv, max_turns=2), ScriptedEnv)
+    with pytest.raises(TypeError, match="Environment subclass"):
+        make_environment(dict)
 
 
 # ---------------------------------------------------------------- the calculator
@@ -264,3 +334,36 @@ async def test_an_environment_service_keeps_each_trajectory_on_its_replica():
         assert await env.open_episodes.fanout() == [0, 0]
     finally:
         await env.shutdown()
+
+
+@pytest.mark.timeout(120)
+async def test_an_environment_service_refuses_what_breaks_the_contract_where_it_enters():
+    """On real processes: the error reaches the caller as a ValueError naming
+    the class, the problem and the turn, from the base class's check (a
+    ``play`` returning NaN) and from the actor's (a ``step`` of its own)."""
+    nan_env, no_observation, no_prompt = await asyncio.gather(*(
+        EnvironmentActor.options(procs=1, num_replicas=1).as_service(env=cls)
+        for cls in (NaNOnTurnTwoEnv, NoObservationEnv, NoPromptEnv)
+    ))
+    try:
+        await nan_env.reset.route("a", PROBLEM)
+        assert (await nan_env.step.route("a", "<answer>1</answer>")).reward == 0.0
+        with pytest.raises(ValueError, match=r"^NaNOnTurnTwoEnv.step on turn 2 .*reward is nan"):
+            await nan_env.step.route("a", "<answer>2</answer>")
+
+        assert "What is 347 + 589?" in await no_observation.reset.route("b", PROBLEM)
+        with pytest.raises(ValueError, match=r"^NoObservationEnv.step on turn 1 .*observation is None, expected str"):
+            await no_observation.step.route("b", "<answer>1</answer>")
+
+        with pytest.raises(ValueError, match=r"^NoPromptEnv.reset \(turn 0\).*observation is None"):
+            await no_prompt.reset.route("c", PROBLEM)
+        assert await no_prompt.open_episodes.fanout() == [0]  # nothing was opened
+
+        # A closed trajectory is refused by id; the count falls back.
+        assert await no_observation.open_episodes.fanout() == [1]
+        await no_observation.close.route("b")
+        assert await no_observation.open_episodes.fanout() == [0]
+        with pytest.raises(KeyError, match="'b'.*closed"):
+            await no_observation.step.route("b", "<answer>1</answer>")
+    finally:
+        await asyncio.gather(nan_env.shutdown(), no_observation.shutdown(), no_prompt.shutdown())

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import count_children, wait_for_children
+from faulty_envs import NaNOnTurnTwoEnv, NoObservationEnv, SlowRetryEnv
 
 from forge_lite.actors.hf_model import causal_lm_logits, load_causal_lm
 from forge_lite.actors.policy import Policy
-from forge_lite.controller.service.events import RequestFinished, SessionMoved
+from forge_lite.controller.service import FanoutError
+from forge_lite.controller.service.events import RequestFinished, RequestRouted, SessionMoved
 from forge_lite.envs.actor import EnvironmentActor
 from forge_lite.grpo.multiturn import Trajectory, Turn, cache_summary, play_trajectory, tokenizer_for
 from forge_lite.rl.collate import grpo_collate
@@ -222,6 +224,146 @@ async def test_a_trajectory_whose_replica_dies_moves_and_finishes(services):
     moved = [e for e in policy.events.history(SessionMoved) if e.session == trajectory.session]
     assert moved and moved[0].old_replica == killed[0]
     await policy.wait_for_state(killed[0], "HEALTHY", timeout=60)
+
+
+# ---------------------------------------------------------------- abandoned and failed trajectories
+
+
+@pytest.fixture(scope="module")
+async def slow_env():
+    """Two replicas of an environment that takes SlowRetryEnv.DELAY_S over every
+    reset and step: a call is still running there when its caller is cancelled."""
+    env = await EnvironmentActor.options(procs=1, num_replicas=2).as_service(env=SlowRetryEnv, max_turns=2)
+    yield env
+    await env.shutdown()
+
+
+async def assert_released(policy, env, episode_id: str, before: list[int]) -> None:
+    """Everything the trajectory held is given back: its episode (on every
+    replica: the id is refused with a KeyError naming it), both services'
+    session pins and every in-flight slot."""
+    assert await env.open_episodes.fanout() == before
+    with pytest.raises(FanoutError) as refused:  # on every replica, the one that held it included
+        await env.step.fanout(episode_id, "<answer>1</answer>")
+    assert not refused.value.results
+    assert all(isinstance(e, KeyError) and repr(episode_id) in str(e) for e in refused.value.failures.values())
+    assert len(env.service.sessions) == 0 and len(policy.service.sessions) == 0
+    assert [r.in_flight for r in env.replicas + policy.replicas] == [0] * 4
+
+
+def cancel_at(task_box: list, endpoint: str, occurrence: int = 1):
+    """An event listener that cancels ``task_box[0]`` when the ``occurrence``-th
+    request to ``endpoint`` is handed to a replica (sent the moment after)."""
+    seen = []
+
+    def listener(event) -> None:
+        if isinstance(event, RequestRouted) and event.endpoint == endpoint:
+            seen.append(event)
+            if len(seen) == occurrence:
+                task_box[0].cancel()
+
+    listener.seen = seen
+    return listener
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "endpoint, occurrence",
+    [("reset", 1), ("generate", 1), ("step", 1), ("generate", 2), ("step", 2)],  # step 2 scores the answer
+    ids=["reset", "generate-1", "step-1", "generate-2", "step-2-reward"],
+)
+async def test_a_trajectory_cancelled_at_any_await_releases_what_it_held(services, slow_env, endpoint, occurrence):
+    policy, _ = services
+    env = slow_env
+    before = await env.open_episodes.fanout()
+    task_box: list = []
+    listener = cancel_at(task_box, endpoint, occurrence)
+    unsubscribe = [service.events.subscribe(listener) for service in (policy, env)]
+    try:
+        task = asyncio.ensure_future(play_trajectory(
+            policy, env, tokenizer_for(None), never_right(40), response_len=200, max_tokens=24,
+            episode_id=f"cancelled-{endpoint}-{occurrence}",
+        ))
+        task_box.append(task)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        for stop in unsubscribe:
+            stop()
+    assert len(listener.seen) == occurrence  # cancelled where the test meant, not elsewhere
+    await assert_released(policy, env, f"cancelled-{endpoint}-{occurrence}", before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("timeout", [0.1, 1.0, 2.0])
+async def test_a_trajectory_whose_caller_times_out_releases_what_it_held(services, slow_env, timeout):
+    """``asyncio.wait_for`` running out, as an interrupted notebook cell: at
+    0.1 s the reset is still running on the replica."""
+    policy, _ = services
+    env = slow_env
+    before = await env.open_episodes.fanout()
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(play_trajectory(
+            policy, env, tokenizer_for(None), never_right(41), response_len=200, max_tokens=24,
+            episode_id=f"timed-out-{timeout}",
+        ), timeout)
+    await assert_released(policy, env, f"timed-out-{timeout}", before)
+
+
+@pytest.mark.slow
+async def test_a_trajectory_cancelled_again_while_closing_still_closes(services, slow_env):
+    """The close runs even when the caller stops waiting for it: the second
+    cancel lands while the close is held 0.5 s before it is sent."""
+    policy, _ = services
+    env = slow_env
+    before = await env.open_episodes.fanout()
+    task_box: list = []
+    first = cancel_at(task_box, "generate")  # the episode is open on its replica by then
+    again = cancel_at(task_box, "close")
+    unsubscribe = [policy.events.subscribe(first), env.events.subscribe(again)]
+    for index in range(2):
+        await env.slow_replica(index, 0.5)
+    try:
+        task = asyncio.ensure_future(play_trajectory(
+            policy, env, tokenizer_for(None), never_right(42), response_len=200, max_tokens=24,
+            episode_id="cancelled-twice",
+        ))
+        task_box.append(task)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert len(again.seen) >= 1  # the second cancel came while the close was held
+        deadline = asyncio.get_running_loop().time() + 10
+        while await env.open_episodes.fanout() != before and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+    finally:
+        for stop in unsubscribe:
+            stop()
+        for index in range(2):
+            await env.slow_replica(index, 0)
+    await assert_released(policy, env, "cancelled-twice", before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "env_class, message",
+    [(NaNOnTurnTwoEnv, r"^NaNOnTurnTwoEnv.step on turn 2 .*reward is nan"),
+     (NoObservationEnv, r"^NoObservationEnv.step on turn 1 .*observation is None, expected str")],
+)
+async def test_an_environment_breaking_the_contract_fails_its_trajectory_naming_it(services, env_class, message):
+    """A NaN reward never becomes a trajectory's return, and an observation of
+    None never reaches the tokenizer: the rollout gets the environment's
+    ValueError, and the trajectory's episode is closed."""
+    policy, _ = services
+    env = await EnvironmentActor.options(procs=1, num_replicas=1).as_service(env=env_class)
+    try:
+        with pytest.raises(ValueError, match=message):
+            await play_trajectory(policy, env, tokenizer_for(None), never_right(43), response_len=200,
+                                  max_tokens=24, episode_id="broken")
+        assert await env.open_episodes.fanout() == [0]
+        with pytest.raises(KeyError, match="'broken'"):
+            await env.step.route("broken", "<answer>1</answer>")
+    finally:
+        await env.shutdown()
 
 
 @pytest.mark.slow

@@ -15,6 +15,12 @@ replicas every call of a trajectory must go to the same one: make them
 inside ``async with env.session():`` (the multi-turn rollout does). The
 actor also serves the environment's problems: ``sample_problem()`` for
 training, ``eval_problems(count)`` for held-out evaluation.
+
+What the environment returns is checked here, where it enters the kit
+(``check_reset``, ``check_step``): a NaN reward or an observation that is
+not text is a ValueError naming the environment class and the turn. A
+trajectory abandoned before its end is closed by its caller
+(``close(episode_id)``); ``open_episodes()`` counts what a process holds.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from monarch.actor import endpoint
 
 from forge_lite.controller import ForgeActor, runtime
 from forge_lite.data.math_problems import equation
-from forge_lite.envs.base import Environment, StepResult
+from forge_lite.envs.base import Environment, StepResult, check_reset, check_step
 from forge_lite.envs.calculator import CalculatorEnv
 from forge_lite.envs.problems import ProblemStream, big_number_problems, make_big_problem, shipped_problems
 from forge_lite.envs.retry import RetryEnv
@@ -38,27 +44,34 @@ ENVIRONMENTS: dict[str, type[Environment]] = {"calculator": CalculatorEnv, "retr
 MAX_OPEN_EPISODES = 10_000
 
 
-def problem_stream(env: str, seed: int) -> ProblemStream:
+def problem_stream(env: str | type[Environment], seed: int) -> ProblemStream:
     """The training problems of environment ``env``: three-digit problems for
-    the calculator (drawn fresh, never a test one), the shipped set for retry."""
+    the calculator (drawn fresh, never a test one), the shipped set for retry
+    (and for an Environment class of one's own)."""
     if env == "calculator":
         test = {equation(p) for p in big_number_problems("test")}
         return ProblemStream(make=make_big_problem, seed=seed, exclude=test)
     return ProblemStream(shipped_problems("train"), seed=seed)
 
 
-def test_problems(env: str, count: int | None = None) -> list[dict]:
+def test_problems(env: str | type[Environment], count: int | None = None) -> list[dict]:
     """The first ``count`` held-out problems of environment ``env`` (the same every run)."""
     problems = big_number_problems("test") if env == "calculator" else shipped_problems("test")
     return problems[:count]
 
 
-def make_environment(env: str, **options) -> Environment:
-    """A fresh environment ``env`` ("calculator" or "retry") built with ``options``
-    (``max_turns``, and ``tool_cost`` for the calculator).
+def make_environment(env: str | type[Environment], **options) -> Environment:
+    """A fresh environment ``env`` ("calculator" or "retry", or an Environment
+    subclass of one's own) built with ``options`` (``max_turns``, and
+    ``tool_cost`` for the calculator).
 
-    Raises ValueError for an unknown name, TypeError for an option it does not take.
+    Raises ValueError for an unknown name, TypeError for an option it does
+    not take or a class that is not an Environment.
     """
+    if isinstance(env, type):
+        if not issubclass(env, Environment):
+            raise TypeError(f"env must be an Environment subclass or a name in {sorted(ENVIRONMENTS)}, got {env!r}")
+        return env(**options)
     if env not in ENVIRONMENTS:
         raise ValueError(f"unknown environment {env!r}; the kit ships {sorted(ENVIRONMENTS)}")
     return ENVIRONMENTS[env](**options)
@@ -70,7 +83,9 @@ class EnvironmentActor(ForgeActor):
     Parameters
     ----------
     env:
-        "calculator" or "retry" (``ENVIRONMENTS``).
+        "calculator" or "retry" (``ENVIRONMENTS``), or an Environment
+        subclass importable in the actor's process (from a module, like a
+        ForgeActor of one's own); it poses the shipped problems.
     seed:
         Seeds the order of ``sample_problem``; a replica adds its index, so
         replicas pose different problems.
@@ -79,14 +94,15 @@ class EnvironmentActor(ForgeActor):
     """
 
     def __init__(self, env: str = "calculator", seed: int = 0, **options):
-        self.env_name = env
+        self.env = env
+        self.env_name = env if isinstance(env, str) else env.__name__
         self.seed = seed
         self.options = options
 
     @endpoint
     async def setup(self) -> None:
-        make_environment(self.env_name, **self.options)  # a bad name or option fails here, as itself
-        self.stream = problem_stream(self.env_name, self.seed + (runtime.replica_index() or 0))
+        make_environment(self.env, **self.options)  # a bad name or option fails here, as itself
+        self.stream = problem_stream(self.env, self.seed + (runtime.replica_index() or 0))
         self.episodes: OrderedDict[str, Environment] = OrderedDict()
 
     @endpoint
@@ -97,14 +113,15 @@ class EnvironmentActor(ForgeActor):
     @endpoint
     def eval_problems(self, count: int | None = None) -> list[dict]:
         """The first ``count`` held-out problems (all of them if None)."""
-        return test_problems(self.env_name, count)
+        return test_problems(self.env, count)
 
     @endpoint
     def reset(self, episode_id: str, problem: dict) -> str:
         """Open trajectory ``episode_id`` on ``problem`` (replacing one of that id);
-        returns its prompt. Raises ValueError for a problem without ``#### N``."""
-        env = make_environment(self.env_name, **self.options)
-        observation = env.reset(problem)
+        returns its prompt. Raises ValueError for a problem without ``#### N``
+        and for a prompt that is not text (nothing is opened then)."""
+        env = make_environment(self.env, **self.options)
+        observation = check_reset(env, env.reset(problem))
         self.episodes.pop(episode_id, None)
         self.episodes[episode_id] = env
         while len(self.episodes) > MAX_OPEN_EPISODES:
@@ -115,9 +132,12 @@ class EnvironmentActor(ForgeActor):
     def step(self, episode_id: str, action: str) -> StepResult:
         """Play one model turn of trajectory ``episode_id``; a trajectory that
         is done is closed. Raises KeyError for an id that is not open (never
-        reset, already done, or reset on another replica)."""
+        reset, already done or closed, or reset on another replica), and
+        ValueError, naming the environment class and the turn, for a result
+        that breaks the contract (``check_step``: NaN reward, observation not
+        text, done not a bool)."""
         env = self._open(episode_id)
-        result = env.step(action)
+        result = check_step(env, env.step(action), getattr(env, "turn", "?"))
         if result.done:
             del self.episodes[episode_id]
         return result
@@ -136,7 +156,7 @@ class EnvironmentActor(ForgeActor):
         if episode_id not in self.episodes:
             raise KeyError(
                 f"no open trajectory {episode_id!r} on this {self.env_name} environment: it was "
-                "never reset, it is done, or it was reset on another replica (make every call "
+                "never reset, it is done or closed, or it was reset on another replica (make every call "
                 "of a trajectory inside `async with env.session():`)"
             )
         return self.episodes[episode_id]

@@ -45,6 +45,12 @@ trajectory's, the trajectory keeps the ids the model and environment really
 produced (what the trainer learns from) and counts the turn in
 ``retokenized_turns``.
 
+Abandoned trajectories. A trajectory that fails, or is cancelled
+(``task.cancel()``, a caller's ``asyncio.wait_for`` running out, an
+interrupted notebook cell), closes its episode on the environment before
+it ends (``close_episode``): otherwise each one would stay open on its
+replica, and a later step with its id would still play.
+
 Every trajectory of a run is appended to ``<output_dir>/trajectories.jsonl``
 (``read_trajectories`` loads them back).
 """
@@ -71,6 +77,10 @@ from forge_lite.rl.loss import response_kl
 TRAJECTORIES_FILE = "trajectories.jsonl"
 # The runs (output_dir, response_len) already told that a trajectory was cut.
 _TOLD: set[tuple] = set()
+# Closes of abandoned episodes still under way. The event loop holds tasks
+# weakly: without this, a close whose trajectory stopped waiting for it
+# (cancelled twice) could be collected before it ran.
+_CLOSING: set[asyncio.Future] = set()
 
 
 @dataclass
@@ -189,8 +199,9 @@ async def play_trajectory(
         Sampling overrides for every turn, e.g. ``temperature=0.0``.
 
     Returns the Trajectory. Raises what the services raise (a prompt longer
-    than the engine's context, an environment error); the environment's
-    state for the trajectory is closed then.
+    than the engine's context, an environment error such as a NaN reward);
+    the trajectory's episode is closed on the environment then, and also
+    when the trajectory is cancelled (``close_episode``).
 
     Example
     -------
@@ -201,16 +212,46 @@ async def play_trajectory(
         [(t.action, t.observation, t.cached_tokens, t.replica) for t in trajectory.turns]
     """
     episode_id = episode_id or uuid.uuid4().hex[:12]
-    async with env.session():  # the episode's state lives on one environment replica
-        pin = policy.session() if sessions else contextlib.nullcontext()
-        async with pin as session:
-            prompt = await env.reset.route(episode_id, problem)
-            try:
+    try:
+        async with env.session():  # the episode's state lives on one environment replica
+            pin = policy.session() if sessions else contextlib.nullcontext()
+            async with pin as session:
+                prompt = await env.reset.route(episode_id, problem)
                 return await _play(policy, env, tokenizer, problem, prompt, episode_id, session,
                                    response_len, max_tokens, sampling)
-            except Exception:
-                await env.close.route(episode_id)  # an abandoned episode must not stay open
-                raise
+    # CancelledError is not an Exception: named, or a cancelled trajectory
+    # would leave its episode open. (Reset included: cancelled while the
+    # reset was on its way, the episode opens there all the same.) The
+    # sessions' pins are already dropped here: their blocks have exited.
+    except (Exception, asyncio.CancelledError):
+        await close_episode(env, episode_id)
+        raise
+
+
+async def close_episode(env, episode_id: str) -> None:
+    """Close trajectory ``episode_id`` on every replica of ``env`` and wait
+    for it, even inside a task that is being cancelled.
+
+    Every replica, not a route: the trajectory's session may have ended, and
+    a route without it could reach a replica that never heard of the id
+    (the others ignore an unknown id). The close goes out after every call
+    the trajectory sent, and a replica takes one caller's messages in order,
+    one at a time: an episode whose reset was still running when the caller
+    stopped waiting is closed after it opens. Shielded: cancelling the
+    caller again stops the wait, not the close. A close that fails raises
+    nothing (a replica that is down, or a service shut down, holds no episode).
+    """
+    task = asyncio.ensure_future(env.close.fanout(episode_id))
+    _CLOSING.add(task)
+    task.add_done_callback(_closed)
+    with contextlib.suppress(Exception):
+        await asyncio.shield(task)
+
+
+def _closed(task: asyncio.Future) -> None:
+    _CLOSING.discard(task)
+    if not task.cancelled():
+        task.exception()  # looked at: a close nobody waits for any more must not warn
 
 
 async def _play(policy, env, tokenizer, problem, prompt, episode_id, session,
