@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from forge_lite.paths import private_temp_dir
+
 READY = "forge_lite worker ready"
 DEFAULT_PORT = 26600
 
@@ -106,7 +108,13 @@ class WorkerProcess:
     def __init__(self, address: str, prefix: list[str] | None = None, log_path: str | None = None):
         self.address = address
         self.prefix = list(prefix or [])
-        self.log_path = log_path or tempfile.mktemp(prefix="forge_lite_worker_", suffix=".log")
+        self._own_log = log_path is None  # a log the kit named goes when this process exits
+        if log_path is None:
+            # A fresh file in this user's private folder (0700): no other user
+            # can read the log, or put a file or a symlink at its name first.
+            fd, log_path = tempfile.mkstemp(prefix="worker_", suffix=".log", dir=private_temp_dir())
+            os.close(fd)
+        self.log_path = log_path
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> "WorkerProcess":
@@ -416,10 +424,12 @@ _started: list[WorkerProcess] = []
 @atexit.register
 def _kill_started() -> None:
     # Workers this process started end with it: none is left behind by a
-    # notebook kernel that restarts.
+    # notebook kernel that restarts. So do the logs the kit named for them.
     for worker in _started:
         if worker.alive:
             worker.kill()
+        if worker._own_log:
+            Path(worker.log_path).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -204,9 +204,10 @@ async def test_a_replica_joining_deletes_the_folders_of_dead_runs_only(tmp_path,
     import time
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's own temporary folder
+    from forge_lite.paths import private_temp_dir
 
     def folder(name: str, age_s: float) -> "os.PathLike":
-        path = tmp_path / f"forge_lite_weights_{name}"
+        path = private_temp_dir() / f"host_cache_{name}"
         path.mkdir()
         (path / ".users").touch()
         (path / "v1-ab12.bin").write_bytes(b"weights")

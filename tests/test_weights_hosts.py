@@ -135,7 +135,9 @@ def weight_files(hosts) -> list[Path]:
 
 def cache_folders(hosts, host: int) -> list[Path]:
     """The actor store's cache folders in ``host``'s temporary folder."""
-    return list(Path(hosts.folders[host]).glob("forge_lite_weights_*"))
+    found = list(Path(hosts.folders[host]).glob("forge_lite-*/host_cache_*"))  # in the user's private folder
+    assert not list(Path(hosts.folders[host]).glob("*weights*"))  # and nowhere else
+    return found
 
 
 # ---------------------------------------------------------------- the checks

@@ -9,8 +9,10 @@ nothing). Without this, 4 replicas on one host would pull 4 copies through
 the same link. A replica alone writes nothing: a file costs a copy of the
 weights (0.06-0.86 s for 298 MB on this project's 2-core machine).
 
-The folder is ``<tempfile.gettempdir()>/forge_lite_weights_<store id>``: the
-host's own temporary folder (``TMPDIR``), shared with nothing on other hosts.
+The folder is ``host_cache_<store id>`` in the user's private temporary folder
+(``forge_lite.paths.private_temp_dir()``: ``<TMPDIR>/forge_lite-<uid>``, mode
+0700), on the host's own disk: shared with nothing on other hosts, and with
+no other Unix user on this one.
 A file appears under its final name only once complete (written under a
 hidden name, then renamed), and its name carries the version and the
 publish's token, so a version published twice is never read stale. The
@@ -21,8 +23,10 @@ Who cleans up: each process that uses the folder holds a shared lock on
 ``.users`` while it does; ``leave()`` (the Policy calls it when it stops)
 releases it and deletes the folder when no other process holds one.
 Processes killed with SIGKILL (a kernel that died, say) never leave, but the
-kernel releases their locks: the next replica to join any store on that host
-deletes a folder that nobody holds (``STALE_AFTER_S`` after it last changed).
+kernel releases their locks: the next replica of the same user to join any
+store on that host deletes a folder that nobody holds (``STALE_AFTER_S`` after
+it last changed). That sweep looks only in the user's own private folder: it
+never reads or deletes another user's files.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ from typing import Awaitable, Callable
 
 import torch
 
+from forge_lite.paths import private_temp_dir
+
 #: Seconds after which a cache folder nobody holds is a dead run's, and the
-#: next replica to join any store on the host deletes it.
+#: next replica of the same user to join any store on the host deletes it.
 STALE_AFTER_S = 60.0
 
 # Offsets in a version's file are multiples of this, so a slice can be viewed as
@@ -114,6 +120,9 @@ def _write_tensors(file, tensors: dict[str, torch.Tensor], layout: list[TensorSl
 # ".v3-<token>.lock" and ".v3-<token>.want.<pid>" (a replica waiting for it).
 _VERSION_FILE = re.compile(r"\.?v(\d+)-[0-9a-f]+\..*")
 
+# A store's folder: "host_cache_<store id>" in the user's private temporary folder.
+_FOLDER_PREFIX = "host_cache_"
+
 
 class HostCache:
     """This host's folder of weight versions for one weight store.
@@ -123,7 +132,7 @@ class HostCache:
     """
 
     def __init__(self, store_id: str, keep_last: int):
-        self.folder = Path(tempfile.gettempdir()) / f"forge_lite_weights_{store_id}"
+        self.folder = private_temp_dir() / f"{_FOLDER_PREFIX}{store_id}"
         self.keep_last = keep_last
         self._users_fd: int | None = None
         self._writes: set[asyncio.Task] = set()
@@ -200,13 +209,15 @@ class HostCache:
 
     def _join(self) -> None:
         """Create the folder and hold a shared lock on it for this process's
-        life; on the first join, delete the folders of runs whose processes
-        are all gone (killed before they could leave)."""
+        life; on the first join, delete the folders of this user's runs whose
+        processes are all gone (killed before they could leave)."""
         if self._users_fd is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            private_temp_dir()  # made again (0700) if something deleted it since __init__
+            self.folder.mkdir(mode=0o700, exist_ok=True)
             self._users_fd = os.open(self.folder / ".users", os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(self._users_fd, fcntl.LOCK_SH)
-            for other in self.folder.parent.glob("forge_lite_weights_*"):
+            # Only this user's folder is swept: other users' runs are not ours to judge or delete.
+            for other in self.folder.parent.glob(f"{_FOLDER_PREFIX}*"):
                 try:
                     # Old enough that no process is between creating it and locking it.
                     stale = time.time() - other.stat().st_mtime > STALE_AFTER_S

@@ -41,6 +41,8 @@ import tempfile
 import torch
 from safetensors.torch import load_file, save_file
 
+from forge_lite.paths import private_temp_dir
+
 _VERSION_FILE = re.compile(r"v(\d+)\.safetensors")
 
 
@@ -60,7 +62,7 @@ class WeightStore:
             raise ValueError(f"keep_last must be >= 1 (or None to keep every version), got {keep_last}")
         self._owned = root is None
         if root is None:
-            root = tempfile.mkdtemp(prefix="forge_lite_weights_")
+            root = tempfile.mkdtemp(prefix="weights_", dir=private_temp_dir())  # 0700, this user's folder
             atexit.register(shutil.rmtree, root, ignore_errors=True)
         os.makedirs(root, exist_ok=True)
         self.root = root

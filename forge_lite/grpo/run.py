@@ -39,6 +39,7 @@ from forge_lite.grpo.multiturn import heldout_success
 from forge_lite.grpo.recorder import MetricsRecorder, StepRecord
 from forge_lite.grpo.results import GRPOResult, shown, write_outputs
 from forge_lite.grpo.services import Services, check_placement, shutdown_all, start_services
+from forge_lite.paths import private_temp_dir
 
 
 class GRPORun:
@@ -355,10 +356,11 @@ def as_config(config: GRPOConfig | dict | str | os.PathLike | None) -> GRPOConfi
 
 
 def make_output_dir(output_dir: str | None) -> Path:
-    """``output_dir``, or a fresh ``<tmp>/forge_lite_runs/grpo-<time>-<id>``."""
+    """``output_dir``, or a fresh ``<tmp>/forge_lite-<uid>/runs/grpo-<time>-<id>``
+    (in the user's private temporary folder: see ``forge_lite.paths``)."""
     if output_dir is None:
-        root = Path(tempfile.gettempdir()) / "forge_lite_runs"
-        root.mkdir(parents=True, exist_ok=True)
+        root = private_temp_dir() / "runs"
+        root.mkdir(mode=0o700, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=time.strftime("grpo-%Y%m%d-%H%M%S-"), dir=root))
     path = Path(output_dir).expanduser()
     path.mkdir(parents=True, exist_ok=True)
