@@ -13,6 +13,13 @@ match theirs. For a group of two with rewards 1 and 0 that gives +-0.707
 equal rewards finite. With equal rewards every advantage is 0 and the group
 teaches nothing, which is right: no response was better than another.
 
+Dr. GRPO (Liu et al. 2025, arXiv:2503.20783) leaves the division out,
+``A_i = r_i - mean(r)`` (``scale="none"``; TRL's ``scale_rewards="none"``):
+dividing by the std gives the prompts the model nearly always (or nearly
+never) solves, whose std is small, the largest advantages, a bias towards
+questions of one difficulty. The loss variant chooses (``loss.scale_rewards``
+in a GRPO config, ``forge_lite.rl.loss.VARIANTS``).
+
 A group of one has no spread at all: the sample std of one value is
 undefined (torch gives NaN), so its advantage is 0.0, with a warning that
 GRPO needs groups of two or more.
@@ -30,6 +37,7 @@ from typing import Sequence
 import torch
 
 from forge_lite.controller import ForgeActor
+from forge_lite.rl.loss import REWARD_SCALES
 from monarch.actor import endpoint
 
 # Added to the std so that a group of equal rewards divides 0 by a small
@@ -37,13 +45,16 @@ from monarch.actor import endpoint
 STD_EPSILON = 1e-4
 
 
-def group_advantages(rewards: Sequence[float]) -> list[float]:
-    """``(r - mean) / (sample std + 1e-4)`` for each reward of one group.
+def group_advantages(rewards: Sequence[float], scale: str = "group") -> list[float]:
+    """``(r - mean) / (sample std + 1e-4)`` for each reward of one group
+    (``scale="group"``), or ``r - mean`` (``scale="none"``).
 
     Raises ValueError for an empty group, for a reward that is NaN or +-inf
-    (naming its index and value), and for finite rewards so large that their
-    mean or spread overflows.
+    (naming its index and value), for finite rewards so large that their
+    mean or spread overflows, and for a ``scale`` that is neither.
     """
+    if scale not in REWARD_SCALES:
+        raise ValueError(f"scale must be one of {list(REWARD_SCALES)}, got {scale!r}")
     if len(rewards) == 0:
         raise ValueError("a group needs at least one reward, got none")
     for index, reward in enumerate(rewards):
@@ -66,7 +77,9 @@ def group_advantages(rewards: Sequence[float]) -> list[float]:
         return [0.0] * len(rewards)
     values = torch.tensor(rewards, dtype=torch.float64)
     std = values.std()
-    advantages = (values - values.mean()) / (std + STD_EPSILON)
+    advantages = values - values.mean()
+    if scale == "group":
+        advantages = advantages / (std + STD_EPSILON)
     # Finite rewards near the float limit (1e308) overflow the mean or the std:
     # an inf std would quietly make every advantage 0.
     if not (torch.isfinite(std) and torch.isfinite(advantages).all()):
@@ -78,7 +91,18 @@ def group_advantages(rewards: Sequence[float]) -> list[float]:
 
 
 class ComputeAdvantages(ForgeActor):
-    """An actor that turns a scored Group into one advantage per episode."""
+    """An actor that turns a scored Group into one advantage per episode;
+    ``scale`` is ``group_advantages``'s ("group" or "none")."""
+
+    shares_process = True  # runs no model: lives on the caller's shared process of light actors
+
+    def __init__(self, scale: str = "group"):
+        self.scale = scale
+
+    @endpoint
+    def setup(self) -> None:
+        if self.scale not in REWARD_SCALES:  # here, so that as_actor raises it as itself
+            raise ValueError(f"ComputeAdvantages: scale must be one of {list(REWARD_SCALES)}, got {self.scale!r}")
 
     @endpoint
     def compute(self, group) -> list[float]:
@@ -89,4 +113,4 @@ class ComputeAdvantages(ForgeActor):
                 f"episodes {missing} have no reward; set episode.reward before computing "
                 "advantages"
             )
-        return group_advantages([e.reward for e in group.episodes])
+        return group_advantages([e.reward for e in group.episodes], self.scale)

@@ -31,7 +31,7 @@ from forge_lite.controller.actor import host_names
 from forge_lite.controller.service.router import ROUTERS
 from forge_lite.data.rewards import REWARD_FUNCTIONS
 from forge_lite.envs.actor import ENVIRONMENTS
-from forge_lite.rl.loss import DEFAULT_BETA
+from forge_lite.rl.loss import DEFAULT_BETA, LOSS_TYPES, VARIANTS, variant_settings
 
 #: The reward functions a config can name.
 REWARD_FUNCTION_NAMES = tuple(REWARD_FUNCTIONS)
@@ -100,6 +100,62 @@ class TrainerConfig:
     # Data-parallel processes (DDP; one GPU each with with_gpus). Each step's
     # batch is split evenly over them, so batch_size must divide by procs.
     procs: int = 1
+
+
+@dataclass
+class LossConfig:
+    """Which policy loss the trainer applies (``forge_lite.rl.loss``), and its knobs.
+
+    ``type``: ``grpo`` | ``dapo`` | ``dr_grpo`` | ``gspo`` | ``cispo`` | ``sapo``.
+    A knob left null takes the variant's value from its paper
+    (``forge_lite.rl.loss.VARIANTS``, with the sources); the run's config
+    holds the values it resolved to.
+
+    ============  ========  =========  =============  ========  =========
+    type          clip_low  clip_high  aggregation    rewards   drops
+    ============  ========  =========  =============  ========  =========
+    grpo          0.2       0.2        seq. mean      / std     nothing
+    dapo          0.2       0.28       token mean     / std     equal groups, truncated
+    dr_grpo       0.2       0.2        constant len.  no std    nothing
+    gspo          3e-4      4e-4       seq. mean      / std     nothing
+    cispo         none      4.0        token mean     / std     nothing
+    sapo          (a gate)  (a gate)   seq. mean      / std     nothing
+    ============  ========  =========  =============  ========  =========
+
+    GSPO's bounds apply to a ratio per sequence; CISPO caps the weight at
+    1 + clip_high (5.0) and sets no lower bound (clip_low null); SAPO has no
+    clip, its gate's temperatures are ``sapo_temperature_pos/neg``.
+    ``skip_uniform_groups`` (the run's, DAPO's "dynamic sampling") also
+    defaults to the variant's when null. A saved config (a checkpoint's)
+    holds the resolved values: to resume under another ``loss.type``, give
+    its knobs as well, or they stay the first variant's.
+    """
+
+    type: str = "grpo"
+    # The ratio's clip range [1 - clip_low, 1 + clip_high]; null: the variant's.
+    # TRL: GRPOConfig.epsilon (0.2) and epsilon_high (DAPO's 0.28).
+    clip_low: float | None = None
+    clip_high: float | None = None
+    # "sequence_mean", "token_mean" or "constant_length" (see forge_lite.rl.loss.aggregate).
+    aggregation: str | None = None
+    # Advantages (r - mean) / std ("group") or r - mean ("none", Dr. GRPO);
+    # TRL's scale_rewards.
+    scale_rewards: str | None = None
+    # Leave responses cut at max_tokens out of the loss (DAPO's overlong
+    # filtering; TRL's mask_truncated_completions, default false).
+    mask_truncated: bool | None = None
+    # SAPO's gate temperatures for positive and other advantages (the paper's,
+    # and TRL's sapo_temperature_pos/neg defaults).
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+
+    def loss_kwargs(self) -> dict:
+        """The keyword arguments of ``forge_lite.rl.loss.policy_loss`` for this section."""
+        return dict(
+            loss_type=self.type, clip_low=self.clip_low, clip_high=self.clip_high,
+            aggregation=self.aggregation, sapo_temperature_pos=self.sapo_temperature_pos,
+            sapo_temperature_neg=self.sapo_temperature_neg,
+        )
 
 
 @dataclass
@@ -198,7 +254,8 @@ class GRPOConfig:
     # Leave out of the buffer a group whose responses all got the same reward:
     # its advantages are all 0, so with beta = 0 it teaches nothing (with
     # beta > 0 only the KL term), and it takes batch slots from groups that do.
-    skip_uniform_groups: bool = False
+    # null: what loss.type does (true for dapo, DAPO's dynamic sampling; else false).
+    skip_uniform_groups: bool | None = None
     eval_samples: int = 100  # held-out problems scored greedily before and after; 0: none
     output_dir: str | None = None  # None: a fresh directory under the system's temp dir
     # Save a checkpoint every this many steps, under <output_dir>/checkpoints/,
@@ -220,6 +277,7 @@ class GRPOConfig:
     data: DataConfig = field(default_factory=DataConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -266,6 +324,7 @@ class GRPOConfig:
                     else ""
                 )
                 raise ValueError(f"{name} must be >= {least}, got {value}{why}")
+        self._resolve_loss()
         if self.weights not in WEIGHT_STORE_KINDS:
             raise ValueError(f"weights must be one of {list(WEIGHT_STORE_KINDS)}, got {self.weights!r}")
         if self.reference.kl_samples is not None and self.trainer.beta:
@@ -297,6 +356,27 @@ class GRPOConfig:
                 f"reward.functions must name one or more of {list(REWARD_FUNCTION_NAMES)}, "
                 f"got {self.reward.functions}"
             )
+
+    def _resolve_loss(self) -> None:
+        """Fill the null knobs of ``loss`` (and ``skip_uniform_groups``) with
+        the variant's values; a ValueError names a bad one."""
+        if self.loss.type not in LOSS_TYPES:
+            raise ValueError(f"loss.type must be one of {list(LOSS_TYPES)}, got {self.loss.type!r}")
+        try:
+            settings = variant_settings(
+                self.loss.type, clip_low=self.loss.clip_low, clip_high=self.loss.clip_high,
+                aggregation=self.loss.aggregation, scale_rewards=self.loss.scale_rewards,
+                mask_truncated=self.loss.mask_truncated,
+            )
+        except ValueError as error:
+            raise ValueError(f"loss: {error}") from None
+        for name in ("clip_low", "clip_high", "aggregation", "scale_rewards", "mask_truncated"):
+            setattr(self.loss, name, settings[name])
+        if self.skip_uniform_groups is None:
+            self.skip_uniform_groups = VARIANTS[self.loss.type]["skip_uniform_groups"]
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            if not getattr(self.loss, name) > 0:
+                raise ValueError(f"loss.{name} must be > 0, got {getattr(self.loss, name)}")
 
     @classmethod
     def from_dict(cls, values: dict | None) -> GRPOConfig:

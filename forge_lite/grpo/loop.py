@@ -26,8 +26,10 @@ policy, not the batch's selection (the batch's, when no group finished in
 between). The episodes' ages and the KL describe the batch the step trained
 on. The KL is the loss's k3 estimate between the reference model and the
 *behaviour* policy (the logprobs the engine reported when it sampled each
-response), averaged per response and then over the batch: the trainer's
-``train_step`` returns only the loss. Throughput and the time split describe
+response), averaged per response and then over the batch; the trainer's
+``train_step`` returns the loss and the clip fraction. The zero-std fraction
+is the share of the groups scored since the previous step whose rewards were
+all equal. Throughput and the time split describe
 what the rollout tasks did since the previous step; their phases run
 concurrently, so they can add up to more than the step's wall time.
 
@@ -162,13 +164,14 @@ async def train_loop(
     for step in range(start_step, config.steps):
         episodes = await next_batch(s.replay_buffer, version, rollouts, window)
         # One chunk per trainer process; every process returns the whole batch's loss.
-        inputs, targets = grpo_collate(episodes, dp_size=config.trainer.procs)
+        inputs, targets = grpo_collate(episodes, dp_size=config.trainer.procs,
+                                       mask_truncated=config.loss.mask_truncated)
         seconds: dict[str, float] = {}
-        losses = await timed(seconds, "train", s.trainer.train_step.call(inputs, targets))
+        trained = await timed(seconds, "train", s.trainer.train_step.call(inputs, targets, with_metrics=True))
         served = await timed(seconds, "sync", sync_weights(s, store, version + 1))
         version += 1
         recorder.record_versions(step, version, served)
-        await record_step(recorder, s, step, version, episodes, first(losses), seconds, window.take())
+        await record_step(recorder, s, step, version, episodes, first(trained), seconds, window.take())
         await save_if_due(s, config, recorder, step + 1, version)  # every config.checkpoint_every steps
 
 
@@ -246,9 +249,10 @@ def first(values):
 
 async def record_step(
     recorder: MetricsRecorder, s: Services, step: int, version: int, episodes: list[Episode],
-    loss: float, seconds: dict[str, float], rollouts: RolloutWindow,
+    trained: dict, seconds: dict[str, float], rollouts: RolloutWindow,
 ) -> None:
-    """Record what training step ``step`` did (see the module docstring)."""
+    """Record what training step ``step`` did (see the module docstring);
+    ``trained`` is what ``train_step(..., with_metrics=True)`` returned."""
     rewards, correct = rollouts.rewards, rollouts.correct
     if not rewards:  # no group finished since the last step: describe the batch
         rewards = [e.reward for e in episodes]
@@ -257,7 +261,7 @@ async def record_step(
         step=step,
         reward_mean=sum(rewards) / len(rewards),
         accuracy=sum(correct) / len(correct),
-        loss=loss,
+        loss=trained["loss"],
         kl=mean_kl(episodes),
         trainer_version=version,
         episode_ages=tuple(version - e.policy_version for e in episodes),
@@ -267,6 +271,8 @@ async def record_step(
         # A phase no rollout reached since the last step (all paused) took 0 s.
         time_split_s={**dict.fromkeys(PHASES, 0.0), **rollouts.seconds, **seconds},
         skipped_groups=rollouts.skipped_groups,
+        clip_fraction=trained["clip_fraction"],
+        zero_std_fraction=rollouts.uniform_groups / rollouts.groups if rollouts.groups else float("nan"),
     )
 
 
@@ -295,6 +301,8 @@ class RolloutWindow:
         self.rewards: list[float] = []  # of every response scored
         self.correct: list[bool] = []
         self.skipped_groups = 0  # groups left out of the buffer (all rewards equal)
+        self.groups = 0  # groups scored
+        self.uniform_groups = 0  # of those, groups whose rewards were all equal
 
     async def room(self, batch_size: int) -> None:
         """Wait while the buffer holds a whole batch that no step has taken.
@@ -318,8 +326,14 @@ class RolloutWindow:
 
     def record_rollout(self, group: Group, completions, rewards: list[float]) -> None:
         self.tokens += sum(len(c.token_ids) for c in completions)
-        self.rewards.extend(rewards)
+        self.record_group_rewards(rewards)
         self.correct.extend(is_correct(e.request, e.response, e.target) for e in group.episodes)
+
+    def record_group_rewards(self, rewards: list[float]) -> None:
+        """One scored group's rewards (whether or not it reaches the buffer)."""
+        self.rewards.extend(rewards)
+        self.groups += 1
+        self.uniform_groups += len(set(rewards)) == 1
 
     def skip_uniform(self, rewards: list[float]) -> bool:
         """True (and counted) if every reward is the same; an error after

@@ -140,6 +140,7 @@ class Trajectory:
         episode.response_tokens = list(self.response_ids)
         episode.response_model_mask = list(self.model_mask)
         episode.truncated = self.truncated
+        episode.behaviour_logprobs = list(self.logprobs)  # 0.0 on env tokens, which the loss masks
         return episode
 
     def as_dict(self) -> dict:
@@ -358,7 +359,7 @@ async def rollout_env_group(s, config, pad_id: int, window) -> Group:
         print(f"GRPO: a trajectory did not fit env.response_len={config.env.response_len} and was cut "
               "there (Episode.truncated, scored with the rewards it had earned); raise "
               "env.response_len if this happens often", flush=True)
-    window.rewards.extend(rewards)
+    window.record_group_rewards(rewards)
     window.correct.extend(t.correct for t in trajectories)
     save_trajectories(config.output_dir, trajectories)
     if config.skip_uniform_groups and window.skip_uniform(rewards):

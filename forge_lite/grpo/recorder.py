@@ -42,6 +42,15 @@ class StepRecord:
     step_time_s: float  # seconds since the previous step
     time_split_s: dict = field(default_factory=dict)  # seconds per phase (PHASES)
     skipped_groups: int = 0  # groups with equal rewards left out of the buffer since the previous step
+    # Share of the batch's importance ratios (tokens; sequences under GSPO)
+    # whose gradient the loss's clip changed: how stale or how far the policy
+    # moved. NaN for a loss without a clip (SAPO).
+    clip_fraction: float = float("nan")
+    # Share of the groups scored since the previous step whose rewards were
+    # all equal (TRL's frac_reward_zero_std): their advantages are 0, so
+    # they teach nothing. Near 1, the loss sits at 0 whatever the model
+    # does: watch the reward, not the loss. NaN when no group was scored.
+    zero_std_fraction: float = float("nan")
     time: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict:

@@ -36,7 +36,7 @@ from forge_lite.envs.actor import EnvironmentActor
 from forge_lite.grpo.advantages import ComputeAdvantages
 from forge_lite.grpo.config import PLACED_COMPONENTS, GRPOConfig
 from forge_lite.grpo.dataset import DatasetActor
-from forge_lite.rl.loss import grpo_loss
+from forge_lite.rl.loss import policy_loss
 from forge_lite.grpo.reward_actor import RewardActor
 
 
@@ -125,7 +125,9 @@ async def start_services(
                 "dtype": c.trainer.dtype,
                 "num_threads": c.trainer.num_threads,
             },
-            loss=functools.partial(grpo_loss, beta=c.trainer.beta),
+            # The variant of c.loss; Dr. GRPO's constant is the longest response allowed.
+            loss=functools.partial(policy_loss, beta=c.trainer.beta, constant_length=response_len,
+                                   **c.loss.loss_kwargs()),
             weight_store=store,
         ),
         # collate=None: the loop wants the Episodes themselves, to report their
@@ -133,7 +135,7 @@ async def start_services(
         "replay_buffer": ReplayBuffer.options(procs=1).as_actor(
             batch_size=c.batch_size, max_policy_age=c.max_policy_age, dp_size=1, collate=None
         ),
-        "compute_advantages": ComputeAdvantages.options(procs=1).as_actor(),
+        "compute_advantages": ComputeAdvantages.options(procs=1).as_actor(scale=c.loss.scale_rewards),
         "ref_model": ReferenceModel.options(
             procs=1, num_replicas=c.reference.num_replicas, with_gpus=c.reference.with_gpus,
             on_hosts=c.placement.hosts("reference"),

@@ -6,11 +6,15 @@ first half of the episodes goes to rank 0 and the second half to rank 1:
 
     inputs  = [{"tokens": [b, req+res], "attention_mask": [b, req+res]}, ...]
     targets = [{"response": [b, res], "ref_logprobs": [b, res],
+                "behaviour_logprobs": [b, res],
                 "advantages": [b, 1], "padding_mask": [b, res]}, ...]
 
 ``ref_logprobs`` is left out when some episode has none: a run with beta 0
 that asks the reference model about a sample of responses only (for the
 reported KL); the GRPO loss then leaves the KL term out.
+``behaviour_logprobs`` (the sampler's, ``Episode.behaviour_logprobs``) is
+left out when some episode has none; the loss then treats every sample as
+on-policy.
 
 ``tokens`` is each episode's left-padded request followed by its
 right-padded response, so every response starts at column ``req``; the
@@ -22,6 +26,11 @@ and the trainer's logprobs would no longer match the reference model's).
 the model wrote (``Episode.model_mask``). In a single-turn episode that is
 every real response token; in a multi-turn one the environment's tokens are
 left out: the model reads them (``attention_mask``) but is not trained on them.
+With ``mask_truncated`` a truncated episode's row is all False: a response
+cut at the length limit has no ending to be judged by, and its reward
+(usually that of a wrong answer) would push down tokens that were fine
+(DAPO's "overlong filtering"; TRL's ``mask_truncated_completions``). It
+still counts as a sequence in a mean over sequences, as in TRL.
 """
 
 from __future__ import annotations
@@ -31,8 +40,11 @@ import torch
 from forge_lite.rl.episode import Episode, check_finite
 
 
-def grpo_collate(episodes: list[Episode], dp_size: int = 1) -> tuple[list[dict], list[dict]]:
-    """``(inputs, targets)``: one dict each per data-parallel rank, in rank order.
+def grpo_collate(
+    episodes: list[Episode], dp_size: int = 1, mask_truncated: bool = False
+) -> tuple[list[dict], list[dict]]:
+    """``(inputs, targets)``: one dict each per data-parallel rank, in rank order;
+    with ``mask_truncated``, episodes marked ``truncated`` get no loss tokens.
 
     Raises ValueError for episodes that cannot stack into one batch, one
     without an advantage, or one whose reward, advantage or ref_logprobs are
@@ -65,6 +77,7 @@ def grpo_collate(episodes: list[Episode], dp_size: int = 1) -> tuple[list[dict],
         check_finite(episode)
 
     with_reference = all(e.ref_logprobs is not None for e in episodes)
+    with_behaviour = all(e.behaviour_logprobs is not None for e in episodes)
     per_rank = len(episodes) // dp_size
     inputs, targets = [], []
     for rank in range(dp_size):
@@ -82,10 +95,14 @@ def grpo_collate(episodes: list[Episode], dp_size: int = 1) -> tuple[list[dict],
         target = {
             "response": response,
             "advantages": torch.tensor([[float(e.advantage)] for e in chunk], dtype=torch.float32),
-            "padding_mask": torch.stack([e.model_mask for e in chunk]),
+            "padding_mask": torch.stack([
+                e.model_mask & (not (mask_truncated and e.truncated)) for e in chunk
+            ]),
         }
         if with_reference:
             target["ref_logprobs"] = torch.stack([e.padded_ref_logprobs for e in chunk])
+        if with_behaviour:
+            target["behaviour_logprobs"] = torch.stack([e.padded_behaviour_logprobs for e in chunk])
         targets.append(target)
     return inputs, targets
 
@@ -114,7 +131,8 @@ def drop_padding_columns(batch: dict, target: dict) -> tuple[dict, dict]:
     end = request_len + keep
     batch = {**batch, "tokens": batch["tokens"][:, first:end], "attention_mask": mask[:, first:end]}
     target = {
-        key: value[:, :keep] if key in ("response", "ref_logprobs", "padding_mask") else value
+        key: value[:, :keep] if key in ("response", "ref_logprobs", "behaviour_logprobs", "padding_mask")
+        else value
         for key, value in target.items()
     }
     return batch, target

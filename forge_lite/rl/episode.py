@@ -1,8 +1,10 @@
 """Episode and Group: one prompt's rollout, and the rollouts GRPO compares.
 
 An Episode carries everything the trainer needs about one response: the
-tokens of the request and the response, the reference model's logprobs, the
-reward and, once the group is scored, the advantage. Its tensors have fixed
+tokens of the request and the response, the logprobs of the policy that
+sampled it (the behaviour policy: the loss's importance ratio is taken
+against them), the reference model's logprobs, the reward and, once the
+group is scored, the advantage. Its tensors have fixed
 lengths so that episodes stack into a batch: the request is padded on the
 left (so every request ends at the same column, where the response starts)
 and the response on the right.
@@ -15,7 +17,8 @@ the request is the first prompt, the response everything after it, model
 turns and environment turns alternating. ``response_model_mask`` says which
 response tokens the model wrote; only those are trained on (``model_mask``
 is the collate's ``padding_mask``). A trajectory cut at ``response_len``
-says so in ``truncated``.
+says so in ``truncated``; so does a single-turn response that reached
+``max_tokens`` (the engine's stop reason "length").
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ class Episode:
     """One request, one response, and what the trainer needs to learn from it.
 
     Created with the request and the padding geometry; the rollout fills in
-    ``response``, ``request_tokens``, ``response_tokens``, ``ref_logprobs``,
-    ``reward`` and ``advantage`` as they become known.
+    ``response``, ``request_tokens``, ``response_tokens``, ``behaviour_logprobs``,
+    ``ref_logprobs``, ``reward`` and ``advantage`` as they become known.
     """
 
     episode_id: str
@@ -47,6 +50,12 @@ class Episode:
     request_tokens: Sequence[int] | torch.Tensor | None = None
     response_tokens: Sequence[int] | torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
+    # The sampling policy's logprob of each response token (Completion.logprobs;
+    # 0.0 on a multi-turn episode's environment tokens, which the loss masks):
+    # the loss's importance ratio is the trainer's logprob against these, so
+    # an episode sampled by older weights is corrected or clipped. None: the
+    # loss treats the episode as on-policy.
+    behaviour_logprobs: torch.Tensor | Sequence[float] | None = None
     reward: float | None = None
     advantage: float | None = None
     # KL between the reference and the policy version that sampled the
@@ -137,6 +146,22 @@ class Episode:
             )
         return torch.cat([logprobs, logprobs.new_zeros(self.response_len - len(logprobs))])
 
+    @property
+    def padded_behaviour_logprobs(self) -> torch.Tensor:
+        """``behaviour_logprobs`` right-padded with zeros to ``response_len``
+        (float32); ValueError without them or without one per response token."""
+        if self.behaviour_logprobs is None:
+            raise ValueError(f"episode {self.episode_id!r} has no behaviour_logprobs; set them first "
+                             "(the Completion's logprobs)")
+        logprobs = torch.as_tensor(self.behaviour_logprobs, dtype=torch.float32).flatten()
+        tokens = len(self._tokens("response_tokens", self.response_len))
+        if len(logprobs) != tokens:
+            raise ValueError(
+                f"episode {self.episode_id!r}: {len(logprobs)} behaviour_logprobs for {tokens} "
+                "response_tokens; pass the Completion's logprobs, one per generated token"
+            )
+        return torch.cat([logprobs, logprobs.new_zeros(self.response_len - len(logprobs))])
+
     def _tokens(self, name: str, max_len: int) -> torch.Tensor:
         tokens = getattr(self, name)
         if tokens is None:
@@ -153,14 +178,15 @@ class Episode:
 
 
 def check_finite(episode: Any) -> None:
-    """Raise ValueError if the episode's ``reward``, ``advantage`` or
-    ``ref_logprobs`` holds NaN or +-inf, naming the episode and the field.
+    """Raise ValueError if the episode's ``reward``, ``advantage``,
+    ``ref_logprobs`` or ``behaviour_logprobs`` holds NaN or +-inf, naming
+    the episode and the field.
 
     One such number is enough to make the loss and every weight NaN. Fields
     that are not set yet (None, or missing on another kind of item) pass.
     """
     episode_id = getattr(episode, "episode_id", type(episode).__name__)
-    for name in ("reward", "advantage", "ref_logprobs"):
+    for name in ("reward", "advantage", "ref_logprobs", "behaviour_logprobs"):
         value = getattr(episode, name, None)
         if value is None:
             continue
@@ -168,7 +194,7 @@ def check_finite(episode: Any) -> None:
         bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
         if not bad:
             continue
-        if name == "ref_logprobs":  # a tensor: say where, not all 500 values
+        if name.endswith("logprobs"):  # a tensor: say where, not all 500 values
             found = f"{name} with non-finite values at (position: value) "
             found += str({i: values[i].item() for i in bad[:10]})
         else:
@@ -221,16 +247,27 @@ class Group:
         request_len: int, response_len: int, group_id: str | None = None,
     ) -> Group:
         """A group of one episode per Completion of one ``generate`` call
-        (text and tokens filled in), at the weight version that generated them."""
+        (text, tokens, behaviour logprobs and ``truncated`` filled in), at the
+        weight version that generated them."""
         group = cls.new_group(
             uuid.uuid4().hex[:8] if group_id is None else group_id, len(completions), request,
             completions[0].generator_version, pad_id, request_len, response_len, target,
         )
         for episode, completion in zip(group.episodes, completions):
-            episode.response = completion.text
-            episode.request_tokens = completion.prompt_ids.tolist()
-            episode.response_tokens = completion.token_ids.tolist()
+            fill_from_completion(episode, completion)
         return group
+
+
+def fill_from_completion(episode: Episode, completion: Any) -> None:
+    """Set what an episode takes from its Completion: the response text, the
+    request and response tokens, the sampler's logprobs (``behaviour_logprobs``)
+    and ``truncated`` (stop reason "length": the response hit max_tokens)."""
+    episode.response = completion.text
+    episode.request_tokens = completion.prompt_ids.tolist()
+    episode.response_tokens = completion.token_ids.tolist()
+    episode.behaviour_logprobs = completion.logprobs
+    # getattr: a hand-made completion (a test's, a notebook's) may not say why it stopped.
+    episode.truncated = getattr(completion, "stop_reason", None) == "length"
 
 
 def episode_from_completion(
@@ -248,7 +285,8 @@ def episode_from_completion(
 
     ``sample`` is what DatasetActor.sample returns (``request``, ``target``);
     ``completion`` is one of Policy.generate's Completions (``text``,
-    ``prompt_ids``, ``token_ids``, ``generator_version``). ``policy_version``
+    ``prompt_ids``, ``token_ids``, ``logprobs``, ``stop_reason``,
+    ``generator_version``). ``policy_version``
     defaults to the version that generated the completion, which is what
     the replay buffer's age check needs. ``pad_id`` is best the model's
     (``DatasetActor.pad_token``), but any id works: padding is masked by
@@ -266,9 +304,7 @@ def episode_from_completion(
         response_len=response_len,
         target=sample.get("target"),
     )
-    episode.response = completion.text
-    episode.request_tokens = completion.prompt_ids.tolist()
-    episode.response_tokens = completion.token_ids.tolist()
+    fill_from_completion(episode, completion)
     episode.ref_logprobs = ref_logprobs
     episode.reward = reward
     return episode
