@@ -6,7 +6,8 @@ rewards into advantages. ``episode_from_completion`` (alias
 ``create_episode_from_grpo_data``, the name the tutorial uses without
 defining it) builds an Episode from one generated Completion.
 ``run_grpo`` / ``GRPORun`` run the whole loop (``forge_lite.grpo.run``; the
-two loops themselves are ``forge_lite.grpo.loop``).
+two loops themselves are ``forge_lite.grpo.loop``); ``compare(runs)`` puts
+finished runs side by side (``forge_lite.grpo.comparison``).
 
 Names are imported on first use: a RewardActor replica then loads only the
 reward code, not torch (about 3 s per process on a laptop core).
@@ -27,6 +28,8 @@ _HOMES = {
     "run_grpo": "forge_lite.grpo.run",
     "load_config": "forge_lite.grpo.config",
     "MetricsRecorder": "forge_lite.grpo.recorder",
+    # Runs side by side: a table and their curves (from GRPOResults or run folders).
+    "compare": "forge_lite.grpo.comparison",
 }
 
 __all__ = sorted(_HOMES)

@@ -114,8 +114,27 @@ def write_outputs(result: GRPOResult, output_dir: Path) -> None:
     plot_reward_curve(result, result.curve_path)
     summary_path = output_dir / "summary.txt"
     summary_path.write_text(result.summary() + "\n")
+    # The run's numbers that are not per step, for forge_lite.grpo.compare
+    # to read back from the folder (the summary is for people).
+    result_path = output_dir / "result.json"
+    result_path.write_text(json.dumps(result_numbers(result), indent=1) + "\n")
     result.files = {"config": str(config_path), "metrics": str(metrics_path),
-                    "curve": result.curve_path, "summary": str(summary_path)}
+                    "curve": result.curve_path, "summary": str(summary_path),
+                    "result": str(result_path)}
+
+
+def result_numbers(result: GRPOResult) -> dict:
+    """What ``result.json`` holds: held-out accuracy before and after (None:
+    not evaluated or interrupted), the seconds of each phase, steps trained."""
+    steps = len(result.recorder.steps) if result.steps_trained is None else result.steps_trained
+    return {
+        "eval_accuracy_before": result.eval_accuracy_before,
+        "eval_accuracy_after": result.eval_accuracy_after,
+        "eval_samples": result.config.eval_samples,
+        "startup_s": result.startup_s, "train_s": result.train_s, "wall_s": result.wall_s,
+        "steps_trained": steps,
+        "steps_per_min": result.steps_per_min if result.train_s > 0 else None,
+    }
 
 
 def plot_reward_curve(result: GRPOResult, path: str) -> None:
