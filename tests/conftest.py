@@ -89,7 +89,10 @@ def run_host_checks(test_file: str, timeout: float) -> None:
     mode = re.search(r"^HOSTS MODE: (.*)$", out.stdout, re.MULTILINE)
     summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "no output"
     warnings.warn(HostsTestMode(f"{Path(test_file).name}: {mode.group(1) if mode else 'unknown'}; {summary}"))
-    assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-3000:]
+    # A failure names its checks first: one pytest test stands for many here.
+    failed = re.findall(r"^(?:FAILED|ERROR) \S+::(check_\w+)", out.stdout, re.MULTILINE)
+    assert out.returncode == 0, (f"failed: {', '.join(failed) or 'see the output'}\n"
+                                 + out.stdout[-8000:] + out.stderr[-3000:])
     assert mode is not None and " passed" in summary
 
 

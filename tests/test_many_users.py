@@ -35,6 +35,7 @@ import psutil
 import pytest
 
 from forge_lite.paths import private_temp_dir
+from learners import User, as_user, learners
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [f"--config={ROOT / 'configs' / 'grpo_tiny.yaml'}", "steps=2", "group_size=2", "batch_size=4",
@@ -44,55 +45,11 @@ TINY = [f"--config={ROOT / 'configs' / 'grpo_tiny.yaml'}", "steps=2", "group_siz
 # ---------------------------------------------------------------- users and their commands
 
 
-class User:
-    def __init__(self, name: str):
-        self.name = name
-        self.uid = int(subprocess.run(["id", "-u", name], capture_output=True, text=True, check=True).stdout)
-        self.home = Path(f"/home/{name}")
-
-    def __repr__(self) -> str:
-        return f"User({self.name}, uid {self.uid})"
-
-
 @pytest.fixture(scope="module")
 def users():
     """Two throwaway Unix users, removed (with everything they left) at the end."""
-    if os.geteuid() != 0 or shutil.which("useradd") is None or shutil.which("runuser") is None:
-        pytest.skip("needs root, useradd and runuser")
-    if sys.base_prefix.startswith("/root/") and shutil.which("unshare") is None:
-        pytest.skip("the venv's Python is under /root and unshare is missing to show it to other users")
-    names = [f"flmu{os.getpid()}{tag}" for tag in "ab"]
-    made = []
-    try:
-        for name in names:
-            if subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name],
-                              capture_output=True).returncode != 0:
-                pytest.skip(f"useradd {name} failed here")
-            made.append(User(name))
+    with learners(2, tag="flmu") as made:
         yield made
-    finally:
-        for user in made:
-            _remove(user)
-
-
-def _remove(user: User) -> None:
-    # Processes of a throwaway user that outlived a failed check (by pid, only theirs).
-    for process in psutil.process_iter(["uids"]):
-        if process.info["uids"] and process.info["uids"].real == user.uid:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-    time.sleep(0.5)
-    # What they left in this machine's shared folders (Monarch's logs, say).
-    for shared in {tempfile.gettempdir(), "/tmp", "/dev/shm"}:
-        for entry in Path(shared).iterdir():
-            try:
-                if entry.lstat().st_uid == user.uid:
-                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-            except FileNotFoundError:
-                pass
-    subprocess.run(["userdel", "--remove", user.name], capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -102,28 +59,6 @@ def shared_tmp(users):
     path.chmod(0o1777)
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def as_user(user: User, args: list[str], tmpdir: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run ``args`` (the first one ``python`` for the Python running this test) as
-    ``user``, in its home, with ``TMPDIR=tmpdir``; assert nothing, return the result.
-
-    When the venv's Python lives under ``/root`` (0700 here), the command
-    runs in a mount namespace of its own in which ``/root`` is an empty
-    folder holding only that Python's install (bind-mounted, read-only in
-    effect: it stays root's): the machine's ``/root`` is not opened to anyone.
-    """
-    if args[0] == "python":
-        args = [sys.executable, *args[1:]]  # this venv's Python, which the test runs under
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FORGE_LITE_", "PYTEST_"))}
-    env.update(TMPDIR=str(tmpdir), HOME=str(user.home), PYTHONDONTWRITEBYTECODE="1")
-    command = ["runuser", "-u", user.name, "--", *args]
-    prefix = sys.base_prefix
-    if prefix.startswith("/root/"):
-        script = ('set -e; mount --bind "$1" /mnt; mount -t tmpfs -o mode=755 tmpfs /root; '
-                  'mkdir -p "$1"; mount --bind /mnt "$1"; umount /mnt; shift; exec "$@"')
-        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", prefix, *command]
-    return subprocess.run(command, cwd=user.home, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def run_python(user: User, code: str, tmpdir: Path, timeout: float = 120) -> dict:

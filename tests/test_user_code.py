@@ -22,6 +22,7 @@ from monarch.actor import concurrent_endpoint, endpoint
 from forge_lite.controller import ForgeActor
 from forge_lite.controller.errors import RemoteError
 from forge_lite.controller.procs import caller_import_path
+from forge_lite.controller.service import FanoutError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -231,7 +232,7 @@ async def test_errors_that_cannot_be_rebuilt_reach_a_service_caller_intact():
         assert sorted(await service.count.fanout()) == [0, 1]
         assert [str(r.state) for r in service._service.replicas] == ["HEALTHY", "HEALTHY"]
         # Fanout reports it per replica with the same type name.
-        with pytest.raises(Exception) as caught:
+        with pytest.raises(FanoutError) as caught:
             await service.coded.fanout()
         failures = caught.value.failures
         assert {type(e).__name__ for e in failures.values()} == {"CodedError"}

@@ -123,6 +123,33 @@ class WeightStore:
         except FileNotFoundError:
             pass
 
+    # One publisher at a time: the kernel's default store (forge_lite.actors.
+    # default_store) is shared by every trainer that was given no store, and
+    # a newer trainer takes it over from an older one.
+    def claim(self, publisher: str) -> None:
+        """Make ``publisher`` (a token) the store's publisher: every version
+        published before is dropped, so nothing of an earlier trainer's run is served."""
+        for version in self.versions():
+            self.drop(version)
+        fd, tmp_path = tempfile.mkstemp(prefix=".publisher.", suffix=".tmp", dir=self.root)
+        with os.fdopen(fd, "w") as f:
+            f.write(publisher)
+        os.replace(tmp_path, os.path.join(self.root, ".publisher"))
+
+    def publisher(self) -> str | None:
+        """The token of the last ``claim``; None if nobody claimed the store."""
+        try:
+            with open(os.path.join(self.root, ".publisher")) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    async def aclaim(self, publisher: str) -> None:
+        await asyncio.to_thread(self.claim, publisher)
+
+    async def apublisher(self) -> str | None:
+        return self.publisher()
+
     # Async forms, the interface the trainer and the Policy use, shared with
     # the actor-backed store (forge_lite.actors.weight_server.ActorWeightStore).
     # In a thread, so an actor keeps serving while a file is written or read.

@@ -64,14 +64,17 @@ class GRPORun:
 
     Notes
     -----
-    ``start()`` starts every service (about 10 s for the tiny config on 2
-    cores) and stops them all again if one fails; ``train()`` runs
+    ``start()`` starts every service (its log line says how long that took;
+    ``benchmarks/grpo_vs_trl.py`` measures it beside TRL's start-up) and
+    stops them all again if one fails; ``train()`` runs
     ``config.steps`` steps between two held-out evaluations; ``shutdown()``
     stops every process and deletes the run's weights (also after an
     error). ``run_grpo`` does all three in one call.
 
-    Resumed, ``start()`` also restores the checkpoint (weights, optimizer,
-    lr schedule, buffer, dataset position, the recorder's steps) and
+    Resumed, ``start()`` also restores the checkpoint (weights, the
+    optimizer's moments and step count, buffer, dataset position, the
+    recorder's steps; the learning rate and its schedule come from the
+    resumed config) and
     ``train()`` runs steps ``start_step`` to ``config.steps - 1``.
     ``save_checkpoint()`` saves one by hand, after ``train()``.
 
