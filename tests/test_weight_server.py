@@ -423,3 +423,28 @@ def test_the_dashboard_header_says_which_store_the_run_chose():
     recorder.record_status(state="training", total_steps=5)
     assert "weights: actor (Monarch messages)" in dash.header_text()  # kept as the run goes on
     dash.detach()
+
+
+@pytest.mark.parametrize("kind", ["actor", "files"])
+async def test_one_trainer_at_a_time_publishes_into_a_default_store(kind):
+    """The claim a trainer makes on a kernel's default store (both kinds of
+    store): the newest publisher drops the versions before it, and the older
+    one is refused afterwards."""
+    from forge_lite.actors.default_store import Publisher
+    from forge_lite.actors.weight_server import open_weight_store
+
+    store = await open_weight_store(kind, keep_last=4)
+    try:
+        older, newer = Publisher(), Publisher()
+        await older.check(store)
+        await store.aput(5, {"w": torch.ones(3)})
+        await older.check(store)  # still its own: nothing dropped
+        assert await store.aversions() == [5]
+        await newer.check(store)
+        assert await store.aversions() == [] and await store.apublisher() == newer.token
+        await store.aput(1, {"w": torch.zeros(3)})
+        with pytest.raises(RuntimeError, match="newer RLTrainer"):
+            await older.check(store)
+        assert await store.aversions() == [1]
+    finally:
+        await store.aclose()
