@@ -104,6 +104,12 @@ class ForgeActor(Actor):
     mesh_name: str | None = None
     on_hosts: tuple | None = None  # host names/indices of the cluster to place on; None: anywhere
     service_config: ServiceConfig = ServiceConfig()
+    # A light actor (one that runs no model: the dataset, the replay buffer)
+    # sets this: started with as_actor on this machine with one process and
+    # no GPU, it lives on the caller's one shared process of light actors
+    # instead of starting a process of its own (each process imports torch
+    # again). A service's replicas always get processes of their own.
+    shares_process: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -226,7 +232,9 @@ class ForgeActor(Actor):
     @classmethod
     async def as_actor(cls, *args: Any, **kwargs: Any):
         """Spawn ``procs`` processes (on each of ``hosts`` hosts) with one actor
-        each; return the ActorMesh.
+        each; return the ActorMesh. A light actor (``shares_process``) with
+        one process on this machine goes on the caller's shared process of
+        light actors instead.
 
         Use Monarch's adverbs on the result: ``await actor.ep.call_one(...)``.
         An exception the endpoint raises reaches the caller as itself (not
@@ -246,7 +254,10 @@ class ForgeActor(Actor):
         if cls.on_hosts is not None:
             prefer = cluster.choose_among(cls.on_hosts, cls.hosts or 1,
                                           f"{cls.__name__}.options(on_hosts={list(cls.on_hosts)})")
-        if cluster.is_local:
+        if cluster.is_local and cls.shares_process and cls.procs == 1 and (cls.hosts or 1) == 1 \
+                and not cls.with_gpus and cls.on_hosts is None:
+            processes = await _procs.acquire_shared()
+        elif cluster.is_local:
             cluster.check(cls.hosts or 1, f"{cls.__name__}.options(hosts={cls.hosts})")
             gpus = _procs.reserve_gpus(cls.procs, f"{cls.__name__}") if cls.with_gpus else None
             processes = await _procs.spawn_processes(cls.procs, name, gpus)
@@ -267,13 +278,17 @@ class ForgeActor(Actor):
 
     @classmethod
     async def shutdown(cls, handle: Any) -> None:
-        """Stop what ``as_actor`` (or ``as_service``) returned; safe to repeat."""
+        """Stop what ``as_actor`` (or ``as_service``) returned; safe to repeat.
+
+        A light actor on the shared process is stopped alone; the process
+        goes with the last actor on it (or when the caller exits).
+        """
         if hasattr(handle, "shutdown") and not isinstance(handle, ActorMesh):
             await handle.shutdown()
             return
         entry = _handles.pop(id(handle), None)
         if entry is not None:
-            await _procs.stop_processes(entry[1])
+            await _procs.release_processes(entry[1], entry[0])
 
 
 def host_names(on_hosts) -> tuple:

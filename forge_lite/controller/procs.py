@@ -34,9 +34,27 @@ log = logging.getLogger("forge_lite")
 STOP_TIMEOUT_S = 10.0
 
 
+# How much more the kernel's OOM killer should prefer a worker to other
+# processes (-1000..1000; raising one's own is allowed without privileges).
+# A learner's server with a memory limit holds the notebook's kernel and its
+# workers: at the limit, the kernel dying loses the learner's state and leaves
+# the notebook waiting on nothing, while a dead worker is a FAILED replica that
+# says why and comes back.
+WORKER_OOM_SCORE_ADJ = 500
+
+
 class _ProcessInfo(Actor):
     """A tiny actor on every process the kit spawns: it reports the pid, so
-    the kit can kill a process on purpose (fault injection) or if stop hangs."""
+    the kit can kill a process on purpose (fault injection) or if stop hangs.
+    Started first on each process, it also makes the process the OOM killer's
+    first choice (``WORKER_OOM_SCORE_ADJ``)."""
+
+    def __init__(self):
+        try:
+            with open("/proc/self/oom_score_adj", "w") as adj:
+                adj.write(str(WORKER_OOM_SCORE_ADJ))
+        except OSError:  # not Linux, or a sandbox that forbids it: keep the default
+            pass
 
     @endpoint
     def pid(self) -> int:
@@ -58,6 +76,13 @@ class Processes:
     placement: object = None
     pid_hosts: list = field(default_factory=list)
     remote: bool = False  # does any process run on another host than the caller's?
+    # The caller's memory cgroup's OOM-kill count when these processes started.
+    oom_kills_at_start: int | None = None
+    # The caller's process for light actors (see acquire_shared): how many
+    # actor meshes live on it, and whether it still takes new ones.
+    shared: bool = False
+    tenants: int = 0
+    closed: bool = False
 
 
 _live: list[Processes] = []
@@ -205,7 +230,8 @@ async def spawn_processes(
         mesh = this_host().spawn_procs(
             per_host={"procs": count}, name=name, bootstrap_command=command_for
         )
-    procs = Processes(mesh=mesh, name=name, pids=[], gpus=list(gpus or []), placement=placement, remote=remote)
+    procs = Processes(mesh=mesh, name=name, pids=[], gpus=list(gpus or []), placement=placement, remote=remote,
+                      oom_kills_at_start=memory_oom_kills())
     _live.append(procs)
     try:
         if remote:
@@ -278,6 +304,135 @@ async def stop_processes(procs: Processes, timeout: float = STOP_TIMEOUT_S) -> N
             procs.placement.release()
         if procs in _live:
             _live.remove(procs)
+
+
+# ---------------------------------------------------------------- memory limit
+
+
+def _memory_cgroup() -> tuple[str, str] | None:
+    """This process's memory cgroup: ("v1" | "v2", its folder), or None."""
+    try:
+        with open("/proc/self/cgroup") as lines:
+            entries = [line.rstrip("\n").split(":", 2) for line in lines]
+    except OSError:
+        return None
+    for _, controllers, path in entries:
+        if "memory" in controllers.split(","):
+            return "v1", f"/sys/fs/cgroup/memory{path}"
+    for hierarchy, controllers, path in entries:
+        if hierarchy == "0" and controllers == "":
+            return "v2", f"/sys/fs/cgroup{path}"
+    return None
+
+
+def memory_oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has killed in the caller's
+    memory cgroup (a JupyterHub server's memory limit is one); None where
+    Linux does not say."""
+    group = _memory_cgroup()
+    if group is None:
+        return None
+    version, folder = group
+    try:
+        with open(os.path.join(folder, "memory.oom_control" if version == "v1" else "memory.events")) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def memory_limit_mb() -> int | None:
+    """The caller's memory cgroup's limit in MB; None without one."""
+    group = _memory_cgroup()
+    if group is None:
+        return None
+    version, folder = group
+    try:
+        with open(os.path.join(folder, "memory.limit_in_bytes" if version == "v1" else "memory.max")) as f:
+            value = f.read().strip()
+        limit = int(value)
+    except (OSError, ValueError):  # "max": no limit
+        return None
+    return None if limit >= 2**60 else limit // 2**20
+
+
+def oom_killed(procs: Processes) -> bool:
+    """Has the OOM killer killed a process of the caller's memory cgroup
+    since ``procs`` started? (For a process that died of SIGKILL: the likely
+    reason.)"""
+    now = memory_oom_kills()
+    return now is not None and procs.oom_kills_at_start is not None and now > procs.oom_kills_at_start
+
+
+# ---------------------------------------------------------------- light actors
+
+# Actors that run no model (the dataset, the replay buffer, the advantages)
+# need little memory but a process each would import torch again (about
+# 300 MB and a second or more of CPU per process). They live together on one
+# process per caller instead; each is still its own actor (own mesh, own
+# state, stopped on its own). What they share is their fate: a crash of that
+# process takes all of them down.
+SHARED_NAME = "light_actors"
+
+_shared: Processes | None = None
+_shared_locks: dict = {}  # event loop -> asyncio.Lock (a lock belongs to one loop)
+
+
+def _alive(pid: int) -> bool:
+    """Is process ``pid`` (on this machine) running, not a zombie?"""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def acquire_shared() -> Processes:
+    """The caller's one process for light actors, started on first use;
+    count one more actor mesh on it. Give it back with ``release_processes``.
+
+    A new process replaces the old one when that one is stopped or dead, or
+    refuses new actors (Monarch spawns nothing more on a process once an
+    actor's ``__init__`` failed there).
+    """
+    global _shared
+    loop = asyncio.get_running_loop()
+    lock = _shared_locks.get(loop)
+    if lock is None:
+        _shared_locks.clear()  # the locks of finished loops
+        lock = _shared_locks[loop] = asyncio.Lock()
+    async with lock:
+        current = _shared
+        if current is None or current.stopped or current.closed or not all(map(_alive, current.pids)):
+            current = await spawn_processes(1, SHARED_NAME)
+            current.shared = True
+            _shared = current
+        current.tenants += 1
+        return current
+
+
+async def release_processes(procs: Processes, actors=None, timeout: float = STOP_TIMEOUT_S) -> None:
+    """Give back the processes ``actors`` ran on: stop them, or, for the
+    shared process of light actors, stop ``actors`` only, and the process
+    with its last actor mesh. Never hangs."""
+    global _shared
+    if not procs.shared:
+        await stop_processes(procs, timeout)
+        return
+    procs.tenants -= 1
+    if procs.tenants > 0 and not procs.stopped:
+        if actors is not None:
+            try:
+                await asyncio.wait_for(actors.stop(), timeout)
+            except Exception as e:  # a dead process: nothing left to stop
+                log.debug("stop of an actor mesh on %s failed (%r)", procs.name, e)
+        return
+    if _shared is procs:
+        _shared = None
+    await stop_processes(procs, timeout)
 
 
 def caller_import_path() -> str:

@@ -20,10 +20,12 @@ resumed run (``load_state_dict``) serves exactly the rows that come next.
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import threading
 from typing import Any
 
-from forge_lite.actors.hf_model import load_tokenizer
+from forge_lite.actors.hf_model import load_tokenizer, resolve_model
 from forge_lite.assets import MATH_DATA_DIR
 from forge_lite.controller import ForgeActor
 from forge_lite.data.prompts import extract_target, format_request
@@ -65,8 +67,68 @@ def load_math_dataset(
         ) from err
 
 
+# Light actors share a process (ForgeActor.shares_process) and Monarch runs
+# each actor on a thread of its own: two DatasetActors starting at once (a
+# run's training and held-out sets) imported transformers concurrently, and
+# its lazy module does not survive that ("cannot import name
+# 'PreTrainedTokenizerFast'"). One actor loads at a time.
+_loading = threading.Lock()
+
+
+def load_request_tokenizer(spec: str | dict | None):
+    """The model's tokenizer, enough to format requests (its chat template,
+    pad and EOS ids): transformers' fast tokenizer read from the model's
+    ``tokenizer.json``, or ``load_tokenizer``'s when the model has none.
+
+    Why not ``AutoTokenizer`` here: it imports the model's configuration
+    classes on the way, about 200 MB more in a process that runs no model
+    (measured in the light actors' process; see benchmarks/memory.py).
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(resolve_model(spec))
+    except (OSError, ValueError):  # no tokenizer.json: only the model's own class reads it
+        return load_tokenizer(spec)
+
+
+class ShippedRows:
+    """The shipped math set's rows (``MATH_DATA_DIR/<split>.jsonl``) as dicts,
+    with what DatasetActor uses of a ``datasets.Dataset``: ``len``, iteration
+    and ``shuffle(seed=)`` in the same order (``datasets`` shuffles with
+    ``numpy.random.default_rng(seed).permutation``). Reading the file with
+    ``json`` spares the light actors' process ``datasets`` and pyarrow
+    (about 120 MB).
+
+    Raises ValueError for a split the shipped set does not have.
+    """
+
+    def __init__(self, data_split: str = "train", rows: list[dict] | None = None):
+        if rows is None:
+            path = os.path.join(MATH_DATA_DIR, f"{data_split}.jsonl")
+            if not os.path.exists(path):
+                raise ValueError(f"the shipped math set has splits ['test', 'train'], not {data_split!r}")
+            with open(path) as lines:
+                rows = [json.loads(line) for line in lines if line.strip()]
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def shuffle(self, seed: int) -> "ShippedRows":
+        import numpy as np
+
+        order = np.random.default_rng(seed).permutation(len(self.rows))
+        return ShippedRows(rows=[self.rows[i] for i in order])
+
+
 class DatasetActor(ForgeActor):
     """Serves one formatted math problem per ``sample()`` call, epoch after epoch."""
+
+    shares_process = True  # runs no model: lives on the caller's shared process of light actors
 
     def __init__(
         self,
@@ -84,10 +146,14 @@ class DatasetActor(ForgeActor):
 
     @endpoint
     async def setup(self) -> None:
-        self.tokenizer = load_tokenizer(self.model)
-        self.dataset = load_math_dataset(
-            self.path, self.revision, self.data_split, self.streaming
-        )
+        with _loading:
+            self.tokenizer = load_request_tokenizer(self.model)
+            if self.path is None and not self.streaming:
+                self.dataset = ShippedRows(self.data_split)  # as load_math_dataset's, without `datasets`
+            else:
+                self.dataset = load_math_dataset(
+                    self.path, self.revision, self.data_split, self.streaming
+                )
         # The first epoch is shuffled too: a file's order is seldom random, and
         # every run's first steps would see its start. (The shipped model got
         # 45% of samples right on the shipped set's first 50 problems, 33% on

@@ -107,10 +107,19 @@ def _reason(cancelled: asyncio.CancelledError) -> str:
     return str(cancelled.args[0]) if cancelled.args else "its host was lost"
 
 
-def describe_failure(report: str) -> str:
-    """A one-line reason from Monarch's multi-line failure report."""
+def describe_failure(report: str, processes: _procs.Processes | None = None) -> str:
+    """A one-line reason from Monarch's multi-line failure report.
+
+    A SIGKILL while the OOM killer was at work in the caller's memory cgroup
+    since ``processes`` started is said to be that, with what to lower.
+    """
     if m := re.search(r"Killed\(sig=(\d+)\)", report):
         sig = int(m.group(1))
+        if sig == 9 and processes is not None and _procs.oom_killed(processes):
+            limit = _procs.memory_limit_mb()
+            at = f" at this server's memory limit ({limit} MB)" if limit else ""
+            return (f"out of memory: the kernel killed the process{at}; lower num_replicas or procs, "
+                    "use a smaller model, or shut down services you no longer use")
         return "process killed (SIGKILL)" if sig == 9 else f"process killed by signal {sig}"
     if m := re.search(r"exited with non-zero code (\d+)", report):
         return f"process exited with code {m.group(1)}"
@@ -264,7 +273,7 @@ class Replica:
         # Runs on a Monarch thread: hop onto the service's event loop.
         generation = self.generation
         self.service.loop.call_soon_threadsafe(
-            self.service.replica_failed, self, describe_failure(report), generation,
+            self.service.replica_failed, self, describe_failure(report, self.processes), generation,
             context=self.service.context.copy(),
         )
 
@@ -321,7 +330,7 @@ class Replica:
         except (TypeError, ValueError):
             raise  # bad arguments, checked on the caller's side: the caller's error
         except Exception as e:  # SupervisionError and friends: infrastructure
-            raise ReplicaFailure(describe_failure(str(e))) from e
+            raise ReplicaFailure(describe_failure(str(e), self.processes)) from e
         finally:
             self._pending.discard(pending)
 
@@ -334,4 +343,4 @@ class Replica:
         except asyncio.TimeoutError:
             raise ReplicaFailure(f"did not answer a health probe within {timeout:.1f} s") from None
         except Exception as e:
-            raise ReplicaFailure(describe_failure(str(e))) from e
+            raise ReplicaFailure(describe_failure(str(e), self.processes)) from e
