@@ -272,20 +272,52 @@ def test_prompt_longer_than_the_context_is_refused(tf_engine):
         tf_engine.generate([""], SamplingConfig())
 
 
-def test_transformers_steps_run_everything_added_as_one_batch(tf_engine):
-    # How the Policy serves with this engine: add_request, then step.
-    greedy = SamplingConfig(max_tokens=6, temperature=0.0)
+def test_transformers_requests_added_mid_generation_join_the_batch(tf_engine):
+    # How the Policy serves with this engine: add_request, then step, one token per step.
+    greedy = SamplingConfig(max_tokens=12, temperature=0.0)
     with pytest.raises(ValueError, match="600 tokens"):
         tf_engine.add_request("x" * 600, greedy)  # refused when added, so only its caller fails
     first = tf_engine.add_request("Hello", greedy)
+    assert tf_engine.step() == {}  # one token of `first`
     second = tf_engine.add_request("Hello", greedy.with_overrides(n=2, max_tokens=3))
-    finished = tf_engine.step()
-    assert set(finished) == {first, second}  # both sampling configs ran in the one step
-    assert len(finished[first]) == 1 and len(finished[second]) == 2
-    assert all(len(c.token_ids) <= 3 for c in finished[second])
+    with pytest.raises(RuntimeError, match="unfinished"):
+        tf_engine.generate(["Hello"], greedy)  # would lose the running requests' completions
+    finished_at = {}
+    for step in range(2, 20):
+        for request_id, completions in tf_engine.step().items():
+            finished_at[request_id] = (step, completions)
+        if len(finished_at) == 2:
+            break
+    # `second` joined at step 2 and needed 3 tokens: it did not wait for `first`'s batch to end.
+    assert finished_at[second][0] <= 4
+    assert len(finished_at[first][1]) == 1 and len(finished_at[second][1]) == 2
+    assert all(len(c.token_ids) <= 3 for c in finished_at[second][1])
     alone = tf_engine.generate(["Hello"], greedy)[0][0]
-    assert finished[first][0].token_ids.tolist() == alone.token_ids.tolist()
+    assert finished_at[first][1][0].token_ids.tolist() == alone.token_ids.tolist()
+    assert finished_at[second][1][0].token_ids.tolist() == alone.token_ids.tolist()[:3]
     assert tf_engine.step() == {}  # nothing was left behind
+
+
+def test_joining_and_leaving_the_batch_keeps_the_logprobs_exact(tf_engine, hf_model):
+    # A longer prompt joins after 3 steps (the batch widens: the running rows
+    # gain left padding), a shorter one 3 steps later, and rows leave at
+    # different steps (leading padding columns are dropped). A greedy row runs
+    # 80 tokens, past the room the KV buffers are first built with (64
+    # columns), so they grow. None of it may change a number.
+    sampling = SamplingConfig(n=2, max_tokens=10)
+    long_run = tf_engine.add_request("Go on", SamplingConfig(max_tokens=80, temperature=0.0))
+    request_ids = [long_run, tf_engine.add_request("short", sampling)]
+    finished = {}
+    for prompt, max_tokens in [("a prompt much longer than the first one", 5), ("mid-size", 14)]:
+        for _ in range(3):
+            finished.update(tf_engine.step())
+        request_ids.append(tf_engine.add_request(prompt, sampling.with_overrides(max_tokens=max_tokens)))
+    while len(finished) < len(request_ids):
+        finished.update(tf_engine.step())
+    assert len(finished[long_run][0].token_ids) == 80
+    for request_id in request_ids:
+        for c in finished[request_id]:
+            torch.testing.assert_close(c.logprobs, reference_logprobs(hf_model, c), atol=1e-4, rtol=0)
 
 
 def test_generation_stops_at_the_context_length(tf_engine):

@@ -1,7 +1,7 @@
 """A request with a seed samples the same tokens whatever it is batched with.
 
-Both engines batch requests: the transformers engine runs everything that
-waits as one batch, vLLM lets requests join a running batch between tokens.
+Both engines batch requests, and let requests join a running batch between
+tokens (continuous batching).
 A seeded request must not notice: its tokens depend on its prompt, seed and
 sampling settings only, not on its batch mates (prompts of other lengths, so
 left padding; other seeds, unseeded requests, other temperatures, greedy and
@@ -59,8 +59,8 @@ def tokens(completion) -> list[int]:
 
 def run_together(engine, requests: list[tuple[str, SamplingConfig]]) -> list[list]:
     """Serve `requests` as the Policy does (add_request, then step): the first
-    request starts alone, the others join after one step (vLLM: mid-generation
-    of the first; transformers: the next batch). Returns each request's completions."""
+    request starts alone, the others join after one step, mid-generation of
+    the first. Returns each request's completions."""
     finished = {}
     ids = [engine.add_request(*requests[0])]
     finished.update(engine.step())

@@ -7,13 +7,12 @@ the transformers engine; see `forge_lite.actors.engines`). Then:
 - `generate(prompt, **overrides)` returns `list[Completion]` (`n` samples).
   One task per replica, the serving loop, drives the engine step by step.
   Before each step it hands the engine every request that arrived meanwhile,
-  and after it answers each request that finished. With vLLM a step is one
-  token for every running sequence, so a request that arrives while others
-  generate joins them at the next token ("continuous batching") and nobody
-  waits for a whole batch; the transformers engine runs whole batches.
-  An idle engine starts once arrivals pause (`BATCH_GAP_S`), so that a burst
-  of requests starts as one batch, like the max queue delay of Triton's
-  dynamic batcher.
+  and after it answers each request that finished. On both engines a step is
+  one token for every running sequence, so a request that arrives while
+  others generate joins them at the next token ("continuous batching") and
+  nobody waits for a whole batch. An idle engine starts once arrivals pause
+  (`BATCH_GAP_S`), so that a burst of requests is prefilled and starts
+  together, like the max queue delay of Triton's dynamic batcher.
 - `update_weights(policy_version)` loads that version from the run's weight
   store (`weight_store=`, shared with the trainer that publishes to it):
   new requests stop joining, the ones in flight finish on the old weights,
@@ -44,12 +43,12 @@ from forge_lite.controller.service_config import ServiceConfig
 from monarch.actor import concurrent_endpoint, endpoint
 
 # 64 concurrent `generate.route` calls reached one replica over 8-30 ms on 2
-# busy cores. Starting an idle engine on the first arrival ran a batch of 1-3
-# prompts and then the other 60 (two engine passes instead of one: 0.72 of the
-# direct engine's tokens/s in benchmarks/policy.py). An idle engine now starts
-# when no request came for BATCH_GAP_S, or BATCH_MAX_WAIT_S after it could have.
-# vLLM would let the late ones join at its next step anyway; the transformers
-# engine, whose step is a whole batch, would not.
+# busy cores. When the transformers engine ran whole batches, starting an idle
+# engine on the first arrival ran a batch of 1-3 prompts and then the other 60
+# (0.72 of the direct engine's tokens/s in benchmarks/policy.py). Late arrivals
+# now join at the next token on both engines, but starting together still
+# saves the first ones decoding alone. An idle engine starts when no request
+# came for BATCH_GAP_S, or BATCH_MAX_WAIT_S after it could have.
 BATCH_GAP_S = 0.002
 BATCH_MAX_WAIT_S = 0.02
 
@@ -87,7 +86,7 @@ class Policy(ForgeActor):
     not there).
     """
 
-    # The engine batches whatever is waiting, so one replica should have many
+    # The engine batches whatever is in flight, so one replica should have many
     # requests in flight: with the service default of 10, 64 concurrent prompts
     # ran as batches of 10 (0.23-0.29x the engine's own throughput, measured).
     service_config = ServiceConfig(max_concurrent_requests=64)

@@ -9,11 +9,9 @@ An engine is used in one of two ways:
 - `generate(prompts, sampling)`: one batch, back when every prompt is done
   (notebooks, tests, benchmarks);
 - `add_request(...)` then `step()` again and again: how the Policy serves
-  requests that arrive at any time. What a step does is up to the engine. For
-  vLLM it is one token for every running sequence, so a request added between
-  two steps joins the sequences already generating ("continuous batching").
-  `BatchEngine` (the transformers engine) runs everything added so far, to the
-  end, as one batch per step.
+  requests that arrive at any time. On both engines a step is one token for
+  every running sequence, so a request added between two steps joins the
+  sequences already generating ("continuous batching").
 
 A request with a `seed` is reproducible on both engines: its tokens depend on
 its prompt, seed and other sampling settings and on the weights, never on the
@@ -23,7 +21,6 @@ requests that share its batch or on the engine's own seed (see `SamplingConfig`)
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -173,43 +170,6 @@ class Engine(ABC):
     @abstractmethod
     def tokenizer(self) -> Any:
         """The Hugging Face tokenizer the engine encodes prompts with."""
-
-
-class BatchEngine(Engine):
-    """An engine that can only generate whole batches: each `step()` runs every
-    request added since the last step, to the end, as one batch (whatever their
-    sampling settings). A request added during a step waits for the next one.
-
-    Subclasses implement `generate_batch`, where each request has its own
-    sampling config; `generate` is the case of one config for all prompts.
-    """
-
-    def __init__(self):
-        self._waiting: dict[int, tuple[str, SamplingConfig]] = {}
-        self._request_ids = itertools.count()
-
-    @abstractmethod
-    def generate_batch(self, requests: list[tuple[str, SamplingConfig]]) -> list[list[Completion]]:
-        """Sample each (prompt, sampling) request's `sampling.n` completions, all as one batch.
-
-        Returns one list per request, in request order. Raises ValueError,
-        before generating anything, if a prompt cannot run (see `check_prompt_fits`)."""
-
-    def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Completion]]:
-        return self.generate_batch([(prompt, sampling) for prompt in prompts])
-
-    def add_request(self, prompt: str, sampling: SamplingConfig) -> int:
-        check_prompt_fits(self.tokenizer(prompt)["input_ids"], self.max_model_len)
-        request_id = next(self._request_ids)
-        self._waiting[request_id] = (prompt, sampling)
-        return request_id
-
-    def step(self) -> dict[int, list[Completion]]:
-        # Taken out first: if the batch fails, none of them stays behind.
-        waiting, self._waiting = self._waiting, {}
-        if not waiting:
-            return {}
-        return dict(zip(waiting, self.generate_batch(list(waiting.values()))))
 
 
 def check_prompt_fits(prompt_ids: list[int], max_model_len: int) -> None:

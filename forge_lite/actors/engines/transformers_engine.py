@@ -12,13 +12,20 @@ this engine does it with whole sequences:
 2. For a new prompt, the longest cached token prefix is reused and only the
    remaining tokens go through the model ("prefill"). The number reused is
    `Completion.num_cached_tokens`.
-3. All samples of all prompts then decode together, one token per step, as one
-   left-padded batch; a sequence that finishes leaves the batch and its KV goes
-   into the cache for the next turn.
+3. All samples of all prompts then decode together, one token per step
+   (`step()`), as one left-padded batch ("continuous batching", as vLLM
+   does): a request added while others decode is prefilled and joins the
+   batch at the next step, and a sequence that finishes leaves it, its KV
+   going into the cache for the next turn. So the groups of different GRPO
+   rollouts share decode steps instead of waiting for each other's batch.
+   The batch's KV lives in preallocated buffers (`kv_batch.DecodeBatch`),
+   written in place, one column per step.
 
 Prefill runs per prompt because each prompt reuses a different amount of
 cache; decoding, where the time goes, is batched. Each sequence carries its own
-sampling settings, so requests with different settings share one batch.
+sampling settings, so requests with different settings share one batch; they
+are turned into tensors (`RowSettings`) only when rows join or leave, so a
+token step is one forward pass, one batched draw and one `tolist()`.
 
 Random numbers: a batch draws every row's next token at once. With one
 generator for all rows, the numbers a row gets depend on how many rows the
@@ -38,12 +45,13 @@ distribution that tokens are drawn from.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
-from forge_lite.actors.engines.base import BatchEngine, Completion, SamplingConfig, check_prompt_fits
+from forge_lite.actors.engines.base import Completion, Engine, SamplingConfig, check_prompt_fits
 
 
 @dataclass
@@ -73,14 +81,20 @@ class PrefixKVCache:
 
     def longest_prefix(self, token_ids: torch.Tensor) -> tuple[int, CachedSequence | None]:
         """How many leading tokens of `token_ids` some cached sequence shares, and which."""
-        best_length, best = 0, None
-        for entry in self._entries.values():
-            length = _common_prefix_length(entry.token_ids, token_ids)
+        # Compared as tuples, in plain Python: a GRPO run's cache holds a few
+        # hundred sequences, and three tensor operations per entry cost about
+        # 0.4 ms each (cProfile of benchmarks/grpo_step_bound.py's generation
+        # on a busy 2-core machine: 37 ms per prompt).
+        ids = tuple(token_ids.tolist())
+        best_length, best_key = 0, None
+        for key in self._entries:
+            length = _common_prefix_length(key, ids)
             if length > best_length:
-                best_length, best = length, entry
-        if best is not None:
-            self._entries.move_to_end(tuple(best.token_ids.tolist()))
-        return best_length, best
+                best_length, best_key = length, key
+        if best_key is None:
+            return 0, None
+        self._entries.move_to_end(best_key)
+        return best_length, self._entries[best_key]
 
     def store(self, entry: CachedSequence) -> None:
         if len(entry) > self.max_tokens:
@@ -108,32 +122,45 @@ class PrefixKVCache:
         return len(self._entries)
 
 
-def _common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
+def _common_prefix_length(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     length = min(len(a), len(b))
-    mismatches = (a[:length] != b[:length]).nonzero()
-    return int(mismatches[0]) if len(mismatches) else length
+    if a[:length] == b[:length]:  # one comparison in C for the common case of a full match
+        return length
+    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+
+@dataclass
+class _Request:
+    """One added request: its prompt and, once admitted, its `n` samples."""
+
+    prompt: str
+    prompt_ids: torch.Tensor
+    sampling: SamplingConfig
+    samples: list[_Sample] = field(default_factory=list)
+    unfinished: int = 0  # samples still decoding
 
 
 @dataclass
 class _Sample:
     """One sequence being decoded: a request's i-th sample."""
 
-    request_index: int
+    request_id: int
     prompt_ids: torch.Tensor
     num_cached_tokens: int
     sampling: SamplingConfig
     generator: torch.Generator | None  # its own random stream if seeded; None: the engine's
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    text: str = ""
+    text: str | None = None  # set once a stop string cut it; else decoded when it finishes
     stop_reason: str | None = None
 
 
-class TransformersEngine(BatchEngine):
-    """Generation with a Hugging Face causal LM, batched, with a prefix KV cache.
+class TransformersEngine(Engine):
+    """Generation with a Hugging Face causal LM, with continuous batching and a prefix KV cache.
 
-    Serving through `add_request`/`step` runs a whole batch per step (see
-    `BatchEngine`); vLLM lets new requests join between tokens instead."""
+    Each `step()` is one token for every running sequence: requests added
+    since the last step are prefilled and join the batch first, and sequences
+    that finish leave it (see the module docstring)."""
 
     def __init__(
         self,
@@ -147,7 +174,6 @@ class TransformersEngine(BatchEngine):
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        super().__init__()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto":
             # float32 on CPU: bf16 matmuls are slow on most CPUs and gain nothing here.
@@ -171,6 +197,14 @@ class TransformersEngine(BatchEngine):
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.prefix_cache = PrefixKVCache(prefix_cache_max_tokens)
         self.weight_version = 0
+        # A 4D mask saves Hugging Face building one every step, but is only
+        # right when no layer uses a sliding window (see DecodeBatch.attention_mask).
+        layer_types = getattr(self.model.config, "layer_types", None) or ["full_attention"]
+        self._four_d_mask = all(kind == "full_attention" for kind in layer_types)
+        self._request_ids = itertools.count()
+        self._waiting: dict[int, _Request] = {}  # added, not yet in the batch
+        self._requests: dict[int, _Request] = {}  # in the batch, some sample still decoding
+        self._drop_running()
 
     @property
     def max_model_len(self) -> int:
@@ -207,43 +241,139 @@ class TransformersEngine(BatchEngine):
         self.weight_version = version
         self.reset_prefix_cache()
 
-    @torch.inference_mode()
-    def generate_batch(self, requests: list[tuple[str, SamplingConfig]]) -> list[list[Completion]]:
-        # Every prompt is checked before any runs, so a bad one fails the call cleanly.
-        prompt_ids = [self._encode(prompt) for prompt, _ in requests]
+    def add_request(self, prompt: str, sampling: SamplingConfig) -> int:
+        request_id = next(self._request_ids)
+        self._waiting[request_id] = _Request(prompt, self._encode(prompt), sampling)
+        return request_id
 
-        samples: list[_Sample] = []
-        kv_per_sample: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
-        first_logits = []
-        for index, (ids, (_, sampling)) in enumerate(zip(prompt_ids, requests)):
-            keys, values, logits, num_cached = self._prefill(ids)
-            for sample_index in range(sampling.n):
+    def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Completion]]:
+        return self.generate_batch([(prompt, sampling) for prompt in prompts])
+
+    def generate_batch(self, requests: list[tuple[str, SamplingConfig]]) -> list[list[Completion]]:
+        """Sample each (prompt, sampling) request's `sampling.n` completions, all in one batch.
+
+        Returns one list per request, in request order. Raises ValueError,
+        before generating anything, if a prompt cannot run (see
+        `check_prompt_fits`), and RuntimeError if requests added with
+        `add_request` are still unfinished (their completions would be lost)."""
+        if self._waiting or self._requests:
+            raise RuntimeError(
+                f"generate needs an idle engine, but {len(self._waiting) + len(self._requests)} request(s) "
+                "added with add_request are unfinished: call step() until they finish"
+            )
+        prompt_ids = [self._encode(prompt) for prompt, _ in requests]  # all checked before any runs
+        request_ids = []
+        for (prompt, sampling), ids in zip(requests, prompt_ids):
+            request_ids.append(next(self._request_ids))
+            self._waiting[request_ids[-1]] = _Request(prompt, ids, sampling)
+        finished: dict[int, list[Completion]] = {}
+        while len(finished) < len(request_ids):
+            finished.update(self.step())
+        return [finished[request_id] for request_id in request_ids]
+
+    @torch.inference_mode()
+    def step(self) -> dict[int, list[Completion]]:
+        """One token for every running sequence (after prefilling the requests
+        added since the last step, which join the batch); returns the requests
+        whose samples have all finished."""
+        try:
+            return self._step()
+        except BaseException:
+            # Their callers get this error; nothing stays behind half-decoded.
+            self._waiting.clear()
+            self._requests.clear()
+            self._drop_running()
+            raise
+
+    def _step(self) -> dict[int, list[Completion]]:
+        if self._waiting:
+            self._admit()
+        if not self._rows:
+            return {}
+        tokens, logprobs = sample_tokens(self._logits, self._row_settings, self.generator)
+        # One conversion per step, not one per row.
+        token_list, logprob_list = tokens.tolist(), logprobs.tolist()
+        finished: dict[int, list[Completion]] = {}
+        keep = []
+        for row, sample in enumerate(self._rows):
+            sample.token_ids.append(token_list[row])
+            sample.logprobs.append(logprob_list[row])
+            if not self._finish(sample):
+                keep.append(row)
+                continue
+            self._remember(sample, row)
+            request = self._requests[sample.request_id]
+            request.unfinished -= 1
+            if request.unfinished == 0:
+                finished[sample.request_id] = self._completions(self._requests.pop(sample.request_id))
+        if not keep:
+            self._drop_running()
+            return finished
+        if len(keep) < len(self._rows):
+            self._batch.keep(keep)
+            self._rows = [self._rows[row] for row in keep]
+            self._row_settings = RowSettings.of(self._rows, self.device)
+            tokens = tokens[torch.tensor(keep, device=self.device)]
+        self._logits = self._forward(tokens)
+        return finished
+
+    def _admit(self) -> None:
+        """Prefill the waiting requests and add their samples to the batch."""
+        from forge_lite.actors.engines.kv_batch import DecodeBatch
+
+        waiting, self._waiting = self._waiting, {}
+        groups, logits = [], []
+        for request_id, request in waiting.items():
+            self._requests[request_id] = request
+            keys, values, prompt_logits, num_cached = self._prefill(request.prompt_ids)
+            sampling = request.sampling
+            for index in range(sampling.n):
                 generator = None
                 if sampling.seed is not None:
-                    seed = sample_seed(sampling.seed, sample_index)
-                    generator = torch.Generator(self.device).manual_seed(seed)
-                samples.append(_Sample(index, ids, num_cached, sampling, generator))
-                kv_per_sample.append((keys, values))
-                first_logits.append(logits)
+                    generator = torch.Generator(self.device).manual_seed(sample_seed(sampling.seed, index))
+                request.samples.append(_Sample(request_id, request.prompt_ids, num_cached, sampling, generator))
+            request.unfinished = sampling.n
+            self._rows += request.samples
+            groups.append((keys, values, sampling.n))
+            logits.append(prompt_logits.expand(sampling.n, -1))
+        if self._batch is None:
+            self._batch = DecodeBatch(len(groups[0][0]))
+        self._batch.join(groups)
+        self._logits = torch.cat([self._logits, *logits]) if self._logits is not None else torch.cat(logits)
+        self._row_settings = RowSettings.of(self._rows, self.device)
 
-        if samples:
-            self._decode(samples, kv_per_sample, torch.stack(first_logits))
+    def _drop_running(self) -> None:
+        self._rows: list[_Sample] = []  # the samples being decoded; _rows[r] is batch row r
+        self._batch = None  # their KV (a DecodeBatch)
+        self._logits: torch.Tensor | None = None  # [rows, vocab]: what predicts each row's next token
+        self._row_settings: RowSettings | None = None
 
-        completions: list[list[Completion]] = [[] for _ in requests]
-        for sample in samples:
-            completions[sample.request_index].append(
-                Completion(
-                    text=sample.text,
-                    prompt=requests[sample.request_index][0],
-                    prompt_ids=sample.prompt_ids.clone(),
-                    token_ids=torch.tensor(sample.token_ids, dtype=torch.long),
-                    logprobs=torch.tensor(sample.logprobs, dtype=torch.float32),
-                    stop_reason=sample.stop_reason,
-                    generator_version=self.weight_version,
-                    num_cached_tokens=sample.num_cached_tokens,
-                )
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed each row its newest token; returns the logits [rows, vocab] for the next."""
+        self._batch.reserve(1)
+        output = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=self._batch.attention_mask(1, four_d=self._four_d_mask),
+            position_ids=self._batch.positions()[:, None],
+            past_key_values=self._batch.cache,
+            use_cache=True,
+        )
+        return output.logits[:, -1].float()
+
+    def _completions(self, request: _Request) -> list[Completion]:
+        return [
+            Completion(
+                text=sample.text,
+                prompt=request.prompt,
+                prompt_ids=request.prompt_ids.clone(),
+                token_ids=torch.tensor(sample.token_ids, dtype=torch.long),
+                logprobs=torch.tensor(sample.logprobs, dtype=torch.float32),
+                stop_reason=sample.stop_reason,
+                generator_version=self.weight_version,
+                num_cached_tokens=sample.num_cached_tokens,
             )
-        return completions
+            for sample in request.samples
+        ]
 
     def _encode(self, prompt: str) -> torch.Tensor:
         ids = self._tokenizer(prompt)["input_ids"]
@@ -280,136 +410,104 @@ class TransformersEngine(BatchEngine):
         values = [layer.values for layer in past.layers]
         return keys, values, output.logits[0, -1].float(), num_cached
 
-    def _decode(self, samples: list[_Sample], kv_per_sample, logits: torch.Tensor) -> None:
-        """Sample all sequences one token per step until each one stops.
-
-        `logits` [len(samples), vocab] predict each sample's first token."""
-        from transformers import DynamicCache
-
-        # Left-pad every sequence's KV to the longest prompt, so new tokens are
-        # appended at the same column for all rows; the attention mask hides the
-        # padding and position ids keep each row's own token positions.
-        lengths = [len(sample.prompt_ids) for sample in samples]
-        width = max(lengths)
-        padding = torch.tensor([width - length for length in lengths], device=self.device)
-        num_layers = len(kv_per_sample[0][0])
-        layers = []
-        for layer in range(num_layers):
-            keys = [kv[0][layer] for kv in kv_per_sample]
-            values = [kv[1][layer] for kv in kv_per_sample]
-            layers.append((_left_pad(keys, width), _left_pad(values, width)))
-        past = DynamicCache(layers)
-        attention_mask = (torch.arange(width, device=self.device)[None] >= padding[:, None]).long()
-        positions = torch.tensor(lengths, device=self.device)
-        active = list(range(len(samples)))  # samples[active[row]] is decoded in batch row `row`
-
-        while True:
-            rows = [samples[index] for index in active]
-            tokens, logprobs = sample_tokens(
-                logits, [s.sampling for s in rows], [s.generator for s in rows], self.generator
-            )
-            finished_rows = []
-            for row, sample in enumerate(rows):
-                sample.token_ids.append(int(tokens[row]))
-                sample.logprobs.append(float(logprobs[row]))
-                if self._finish(sample):
-                    finished_rows.append(row)
-                    self._remember(sample, past, row, int(padding[row]))
-            if finished_rows:
-                keep = [row for row in range(len(active)) if row not in finished_rows]
-                if not keep:
-                    return
-                keep_index = torch.tensor(keep, device=self.device)
-                past.batch_select_indices(keep_index)
-                active = [active[row] for row in keep]
-                tokens, padding = tokens[keep_index], padding[keep_index]
-                attention_mask, positions = attention_mask[keep_index], positions[keep_index]
-
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=1)
-            output = self.model(
-                input_ids=tokens[:, None],
-                attention_mask=attention_mask,
-                position_ids=positions[:, None],
-                past_key_values=past,
-                use_cache=True,
-            )
-            logits = output.logits[:, -1].float()
-            positions = positions + 1
-
-    def _remember(self, sample: _Sample, past, row: int, padding: int) -> None:
+    def _remember(self, sample: _Sample, row: int) -> None:
         """Put a finished sequence's KV into the prefix cache, for its next turn."""
         # The last sampled token has no KV: it was never fed to the model.
         generated = torch.tensor(sample.token_ids[:-1], dtype=torch.long)
-        # clone(): a slice would keep the whole batch's tensor alive.
-        self.prefix_cache.store(
-            CachedSequence(
-                token_ids=torch.cat([sample.prompt_ids, generated]),
-                keys=[layer.keys[row : row + 1, :, padding:].clone() for layer in past.layers],
-                values=[layer.values[row : row + 1, :, padding:].clone() for layer in past.layers],
-            )
-        )
+        keys, values = self._batch.row_kv(row)
+        self.prefix_cache.store(CachedSequence(torch.cat([sample.prompt_ids, generated]), keys, values))
 
     def _finish(self, sample: _Sample) -> bool:
-        """Update the sample's text and decide whether it is done (sets stop_reason)."""
+        """Decide whether the sample is done (sets stop_reason, and its text when done).
+
+        The text is decoded only when it is needed: every step for a request
+        with stop strings, else once at the end. (Decoding every row's text at
+        every step was 6% of the engine's time in a cProfile of
+        benchmarks/grpo_step_bound.py's generation.)"""
         sampling = sample.sampling
-        sample.text = self._tokenizer.decode(sample.token_ids, skip_special_tokens=True)
         if sample.token_ids[-1] in self.eos_token_ids:
             sample.stop_reason = "stop"
-        elif sampling.stop and (found := [sample.text.find(s) for s in sampling.stop if s in sample.text]):
-            # Like vLLM: the text ends before the stop string, the tokens keep it.
-            sample.text = sample.text[: min(found)]
-            sample.stop_reason = "stop"
-        elif len(sample.token_ids) >= sampling.max_tokens:
-            sample.stop_reason = "length"
-        elif len(sample.prompt_ids) + len(sample.token_ids) >= self._max_model_len:
-            sample.stop_reason = "length"
+        elif sampling.stop:
+            text = self._tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+            found = [text.find(stop) for stop in sampling.stop if stop in text]
+            if found:
+                # Like vLLM: the text ends before the stop string, the tokens keep it.
+                sample.text = text[: min(found)]
+                sample.stop_reason = "stop"
+        if sample.stop_reason is None:
+            if len(sample.token_ids) >= sampling.max_tokens:
+                sample.stop_reason = "length"
+            elif len(sample.prompt_ids) + len(sample.token_ids) >= self._max_model_len:
+                sample.stop_reason = "length"
+        if sample.stop_reason is not None and sample.text is None:
+            sample.text = self._tokenizer.decode(sample.token_ids, skip_special_tokens=True)
         return sample.stop_reason is not None
 
 
+@dataclass
+class RowSettings:
+    """Each batch row's sampling settings as tensors, built when rows join or
+    leave rather than at every token step."""
+
+    temperature: torch.Tensor  # [rows, 1]; greedy rows get 1, to avoid dividing by 0
+    top_p: torch.Tensor | None  # [rows, 1]; None when no row cuts (all top_p 1)
+    any_sampled: bool  # some row has temperature > 0
+    shared: torch.Tensor | None  # rows that draw from the engine's generator; None: all rows do
+    seeded: list[tuple[int, torch.Generator]]  # (row, its generator) for seeded sampled rows
+
+    @classmethod
+    def of(cls, rows: list[_Sample], device: torch.device) -> RowSettings:
+        sampled = [row for row, sample in enumerate(rows) if sample.sampling.temperature > 0]
+        shared = [row for row in sampled if rows[row].generator is None]
+        top_p = [sample.sampling.top_p for sample in rows]
+        return cls(
+            temperature=torch.tensor([[s.sampling.temperature or 1.0] for s in rows], device=device),
+            top_p=torch.tensor(top_p, device=device)[:, None] if min(top_p) < 1.0 else None,
+            any_sampled=bool(sampled),
+            shared=None if len(shared) == len(rows) else torch.tensor(shared, dtype=torch.long, device=device),
+            seeded=[(row, rows[row].generator) for row in sampled if rows[row].generator is not None],
+        )
+
+
 def sample_tokens(
-    logits: torch.Tensor,
-    samplings: list[SamplingConfig],
-    generators: list[torch.Generator | None],
-    shared_generator: torch.Generator,
+    logits: torch.Tensor, rows: RowSettings, shared_generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row, each row with its own temperature and top-p.
 
-    `logits` [rows, vocab]; `samplings` and `generators` have one entry per row.
-    A row with a generator draws from it alone, so its token does not depend on
-    the other rows; rows without one draw together from `shared_generator`.
+    `logits` [rows, vocab]. A row with its own generator draws from it alone,
+    so its token does not depend on the other rows; the other sampled rows
+    draw together, in one call, from `shared_generator`.
     Returns the tokens [rows] (long) and their raw (temperature 1) logprobs [rows].
     """
     raw_logprobs = torch.log_softmax(logits, dim=-1)
+    if rows.shared is None:  # the usual case: every row samples, from the shared generator
+        tokens = torch.multinomial(_sampling_probs(logits, rows), 1, generator=shared_generator).squeeze(-1)
+        return tokens, raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
     tokens = logits.argmax(dim=-1)  # what greedy rows (temperature 0) keep
-    sampled = [row for row, sampling in enumerate(samplings) if sampling.temperature > 0]
-    if sampled:
-        probs = _sampling_probs(logits, samplings)
-        shared = [row for row in sampled if generators[row] is None]
-        if shared:
-            tokens[shared] = torch.multinomial(probs[shared], 1, generator=shared_generator).squeeze(-1)
+    if rows.any_sampled:
+        probs = _sampling_probs(logits, rows)
+        if len(rows.shared):
+            tokens[rows.shared] = torch.multinomial(probs[rows.shared], 1, generator=shared_generator).squeeze(-1)
         # torch.multinomial takes one generator per call, so seeded rows draw
         # one call each: 0.7 ms more per step for 64 seeded rows than for 64
         # unseeded ones (measured, 2-core CPU; a step of the shipped model is ~6 ms).
-        for row in sampled:
-            if generators[row] is not None:
-                tokens[row] = torch.multinomial(probs[row], 1, generator=generators[row])[0]
+        for row, generator in rows.seeded:
+            tokens[row] = torch.multinomial(probs[row], 1, generator=generator)[0]
     return tokens, raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _sampling_probs(logits: torch.Tensor, samplings: list[SamplingConfig]) -> torch.Tensor:
+def _sampling_probs(logits: torch.Tensor, rows: RowSettings) -> torch.Tensor:
     """The distribution [rows, vocab] each row's token is drawn from: softmax at
-    the row's temperature, cut to its top-p. Greedy rows (temperature 0) get
-    temperature 1 here, to avoid dividing by 0; their row is not used."""
-    temperature = torch.tensor([s.temperature or 1.0 for s in samplings], device=logits.device)
-    probs = torch.softmax(logits / temperature[:, None], dim=-1)
-    if any(s.top_p < 1.0 for s in samplings):
-        top_p = torch.tensor([s.top_p for s in samplings], device=logits.device)
+    the row's temperature, cut to its top-p. Greedy rows' probabilities are
+    computed at temperature 1 and not used."""
+    probs = torch.softmax(logits / rows.temperature, dim=-1)
+    if rows.top_p is not None:
         # Keep the smallest set of most likely tokens whose mass reaches top_p.
         # Rows with top_p 1 are left alone: their summed mass can round to 1
         # before the last tokens, which would cut those tokens.
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        cut = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+        cut = (mass_before >= rows.top_p) & (rows.top_p < 1.0)
         sorted_probs[cut] = 0.0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return probs
@@ -427,15 +525,6 @@ def sample_seed(seed: int, index: int) -> int:
         return seed
     digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")  # < 2**64, which torch.Generator takes
-
-
-def _left_pad(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
-    """Stack [1, heads, len, dim] tensors into [batch, heads, width, dim], padded on the left."""
-    first = tensors[0]
-    out = first.new_zeros(len(tensors), first.shape[1], width, first.shape[3])
-    for row, tensor in enumerate(tensors):
-        out[row, :, width - tensor.shape[2] :] = tensor[0]
-    return out
 
 
 def _eos_token_ids(model, tokenizer) -> set[int]:
