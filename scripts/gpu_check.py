@@ -2,6 +2,7 @@
 
     python scripts/gpu_check.py                        # CUDA: a Qwen3-0.6B-shaped model
     python scripts/gpu_check.py --device cpu --small   # anywhere, in about a minute
+    python scripts/gpu_check.py --one-gpu              # a learner's policy, reference, trainer on one GPU
 
 What it does:
 1. Builds a randomly initialised model with Qwen3-0.6B's layer sizes and the
@@ -242,6 +243,49 @@ async def main(args) -> None:
         raise SystemExit("the replica did not see a GPU: the service should have given it one")
 
 
+async def one_gpu(args) -> None:
+    """--one-gpu: a workshop learner's GRPO parts on the one GPU their server
+    sees, with the shares of configs/grpo_qwen3_0_6b_one_gpu.yaml (the
+    transformers engine here, since this node has no vLLM): the policy, the
+    reference model and the trainer start with ``gpu_share``, each process
+    reports the GPU it got and its peak memory, and one training step's
+    weights reach the policy."""
+    from forge_lite.actors.reference_model import ReferenceModel
+    from forge_lite.actors.trainer import RLTrainer
+    from forge_lite.grpo.config import load_config
+
+    config = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "grpo_qwen3_0_6b_one_gpu.yaml"))
+    cuda = args.device == "cuda"
+    with tempfile.TemporaryDirectory(prefix="gpu_check_model_") as directory:
+        path, parameters = build_model(directory, args.small, args.device)
+        started = time.perf_counter()
+        policy, reference, trainer = await asyncio.gather(
+            Policy.options(with_gpus=cuda, gpu_share=config.policy.gpu_share).as_service(
+                engine_config={"backend": "transformers", "model": path},
+                sampling_config={"n": 2, "max_tokens": 8, "temperature": 1.0}),
+            ReferenceModel.options(with_gpus=cuda, gpu_share=config.reference.gpu_share).as_actor(model=path),
+            RLTrainer.options(with_gpus=cuda, gpu_share=config.trainer.gpu_share).as_actor(
+                model=path, optimizer={"name": "AdamW", "lr": 1e-3}, training={"seq_len": 64}),
+        )
+        print(f"policy, reference and trainer started on one GPU in {time.perf_counter() - started:.1f} s "
+              f"({parameters / 1e6:.0f} M parameters each)")
+        try:
+            await trainer.push_weights.call_one(1)
+            await policy.update_weights.fanout(1)
+            version = await policy.get_version.route()
+            probes = {"policy": policy.replicas[0].processes.mesh}
+            for name, handle in (("reference", reference), ("trainer", trainer)):
+                probes[name] = handle._proc_mesh
+            for name, mesh in probes.items():
+                memory = await mesh.spawn(f"gpu_check_probe_{name}", ReplicaProbe).memory.call_one()
+                print(f"{name:10s} {memory}")
+            print(f"policy serves version {version} (the trainer's)")
+            if version != 1:
+                raise SystemExit("the trainer's weights did not reach the policy")
+        finally:
+            await asyncio.gather(policy.shutdown(), ReferenceModel.shutdown(reference), RLTrainer.shutdown(trainer))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -250,4 +294,7 @@ if __name__ == "__main__":
     parser.add_argument("--prompts", type=int, help="concurrent prompts (default 32, --small 4)")
     parser.add_argument("--max-tokens", type=int, help="tokens per request (default 128, --small 16)")
     parser.add_argument("--turns", type=int, default=4, help="conversation turns")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--one-gpu", action="store_true",
+                        help="a learner's policy, reference and trainer sharing one GPU (gpu_share)")
+    parsed = parser.parse_args()
+    asyncio.run(one_gpu(parsed) if parsed.one_gpu else main(parsed))

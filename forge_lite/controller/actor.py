@@ -40,7 +40,7 @@ from forge_lite.controller.service_config import ServiceConfig
 # be shadowed on the handle.
 RESERVED_NAMES = frozenset(n for n in dir(ActorMesh) if not n.startswith("_"))
 
-_LAYOUT_KEYS = ("procs", "hosts", "with_gpus", "num_replicas", "mesh_name", "on_hosts")
+_LAYOUT_KEYS = ("procs", "hosts", "with_gpus", "gpu_share", "num_replicas", "mesh_name", "on_hosts")
 
 
 def _portable_endpoint(prop: EndpointProperty) -> EndpointProperty:
@@ -100,6 +100,7 @@ class ForgeActor(Actor):
     procs: int = 1
     hosts: int | None = None
     with_gpus: bool = False
+    gpu_share: float = 1.0  # with with_gpus: the share of one GPU each process takes
     num_replicas: int = 1
     mesh_name: str | None = None
     on_hosts: tuple | None = None  # host names/indices of the cluster to place on; None: anywhere
@@ -153,6 +154,7 @@ class ForgeActor(Actor):
         procs: int | None = None,
         hosts: int | None = None,
         with_gpus: bool | None = None,
+        gpu_share: float | None = None,
         num_replicas: int | None = None,
         mesh_name: str | None = None,
         on_hosts: str | int | list | tuple | None = None,
@@ -163,13 +165,18 @@ class ForgeActor(Actor):
         ``procs`` processes per host, ``hosts`` hosts per replica (None: 1;
         more than one needs a cluster, see ``forge_lite.attach_cluster``),
         ``num_replicas`` replicas (services), ``with_gpus`` one GPU per
-        process. ``on_hosts`` names the cluster's hosts to place on (``"host1"``,
+        process; ``gpu_share`` (with ``with_gpus``, on this machine) the share
+        of one GPU each process takes instead, so a learner's policy,
+        reference and trainer can share the one GPU a workshop gives them
+        (0.3 + 0.2 + 0.5: the kit keeps the count, each process must keep to
+        its share itself, e.g. vLLM's ``gpu_memory_utilization``). ``on_hosts`` names the cluster's hosts to place on (``"host1"``,
         ``1``, or a list of them; None: anywhere, least-occupied first): each
         replica goes to the least occupied of them, and a replica whose host
         is lost runs elsewhere until it is back. Other keys are service
         settings (see ``ServiceConfig``), e.g. ``router="least_loaded"``.
 
-        Raises ValueError for a count below 1 or a malformed ``on_hosts``,
+        Raises ValueError for a count below 1, a ``gpu_share`` outside (0, 1]
+        or a malformed ``on_hosts``,
         and TypeError for an unknown key. Whether the cluster has ``hosts`` hosts
         (and the hosts ``on_hosts`` names) is checked when the actor or
         service starts, not here: the cluster may change.
@@ -189,6 +196,7 @@ class ForgeActor(Actor):
             "procs": cls.procs if procs is None else procs,
             "hosts": cls.hosts if hosts is None else hosts,
             "with_gpus": cls.with_gpus if with_gpus is None else bool(with_gpus),
+            "gpu_share": cls.gpu_share if gpu_share is None else gpu_share,
             "num_replicas": cls.num_replicas if num_replicas is None else num_replicas,
             "mesh_name": cls.mesh_name if mesh_name is None else mesh_name,
             "on_hosts": cls.on_hosts if on_hosts is None else host_names(on_hosts),
@@ -197,6 +205,10 @@ class ForgeActor(Actor):
             value = layout[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        share = layout["gpu_share"]
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ValueError(f"gpu_share must be a number in (0, 1] (the share of one GPU each process "
+                             f"takes), got {share!r}")
         hosts = layout["hosts"]
         if hosts is not None and (not isinstance(hosts, int) or isinstance(hosts, bool) or hosts < 1):
             raise ValueError(f"hosts must be None or an integer >= 1, got {hosts!r}")
@@ -259,9 +271,16 @@ class ForgeActor(Actor):
             processes = await _procs.acquire_shared()
         elif cluster.is_local:
             cluster.check(cls.hosts or 1, f"{cls.__name__}.options(hosts={cls.hosts})")
-            gpus = _procs.reserve_gpus(cls.procs, f"{cls.__name__}") if cls.with_gpus else None
-            processes = await _procs.spawn_processes(cls.procs, name, gpus)
+            gpus = _procs.reserve_gpus(cls.procs, f"{cls.__name__}", cls.gpu_share) if cls.with_gpus else None
+            try:
+                processes = await _procs.spawn_processes(cls.procs, name, gpus, gpu_share=cls.gpu_share)
+            except BaseException:
+                _procs.release_gpus(gpus or [], cls.gpu_share)
+                raise
         else:
+            if cls.with_gpus and cls.gpu_share < 1:
+                raise ValueError(f"{cls.__name__}: gpu_share={cls.gpu_share} shares a GPU of this machine; "
+                                 "on a cluster each process takes a whole GPU (leave gpu_share at 1)")
             placement = cluster.place(cls.hosts or 1, cls.procs, cls.with_gpus,
                                       f"{cls.__name__}.options(hosts={cls.hosts})", prefer=prefer)
             processes = await _procs.spawn_processes(cls.procs, name, placement=placement)

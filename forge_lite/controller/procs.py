@@ -69,6 +69,7 @@ class Processes:
     name: str
     pids: list[int]
     gpus: list[int] = field(default_factory=list)
+    gpu_share: float = 1.0  # of each of `gpus` (see pack_gpus)
     info: object = None  # the _ProcessInfo mesh: answers health probes
     stopped: bool = False
     # On a cluster (forge_lite.controller.cluster): where the mesh runs, and
@@ -90,8 +91,11 @@ _live: list[Processes] = []
 
 # ---------------------------------------------------------------- GPUs
 
-_gpus_in_use: set[int] = set()
+# GPU id -> the share of it the processes of this caller hold (1.0: all of it).
+_gpu_load: dict[int, float] = {}
 _warned_no_gpu = False
+# Shares are sums of floats like 0.35: compare them with this slack.
+_EPS = 1e-9
 
 
 def visible_gpus() -> list[int]:
@@ -109,11 +113,35 @@ def visible_gpus() -> list[int]:
     return list(range(count))
 
 
-def reserve_gpus(count: int, what: str) -> list[int] | None:
-    """Take ``count`` free GPUs, or return None on a machine without GPUs.
+def pack_gpus(count: int, share: float, visible: list[int], load: dict[int, float]) -> list[int] | None:
+    """Which of the ``visible`` GPUs ``count`` processes go to, each taking
+    ``share`` of one GPU, given the shares already taken (``load``); None
+    when they do not fit. Nothing is reserved: ``reserve_gpus`` does that.
+
+    A whole GPU (``share=1.0``) goes only to a process of its own. A share
+    below 1 goes to the fullest GPU it still fits on, so one learner's
+    policy, reference model and trainer pack onto the one GPU a workshop
+    gives them instead of spreading over every GPU they can see.
+    """
+    load = dict(load)
+    chosen = []
+    for _ in range(count):
+        fits = [g for g in visible if load.get(g, 0.0) + share <= 1.0 + _EPS]
+        if not fits:
+            return None
+        gpu = max(fits, key=lambda g: (load.get(g, 0.0), -visible.index(g)))
+        load[gpu] = load.get(gpu, 0.0) + share
+        chosen.append(gpu)
+    return chosen
+
+
+def reserve_gpus(count: int, what: str, share: float = 1.0) -> list[int] | None:
+    """Take ``share`` of a GPU for each of ``count`` processes (see
+    ``pack_gpus``), or return None on a machine without GPUs.
 
     None means "run on CPU": tutorial code asks for GPUs everywhere, and on a
-    laptop it should still run, after one warning.
+    laptop it should still run, after one warning. Raises RuntimeError,
+    with the numbers, when they do not fit.
     """
     global _warned_no_gpu
     gpus = visible_gpus()
@@ -126,19 +154,27 @@ def reserve_gpus(count: int, what: str) -> list[int] | None:
             )
             _warned_no_gpu = True
         return None
-    free = [g for g in gpus if g not in _gpus_in_use]
-    if count > len(free):
+    taken = pack_gpus(count, share, gpus, _gpu_load)
+    if taken is None:
+        held = ", ".join(f"GPU {g}: {_gpu_load.get(g, 0.0):.2f}" for g in gpus)
         raise RuntimeError(
-            f"{what} needs {count} GPU(s) but only {len(free)} of the machine's "
-            f"{len(gpus)} are free; lower procs/num_replicas or shut down another service."
+            f"{what} needs {count} GPU(s)" + ("" if share == 1.0 else f" at a share of {share:g} each")
+            + f" but the machine's {len(gpus)} do not have that free (taken: {held}); "
+            "lower procs/num_replicas or gpu_share, or shut down another service."
         )
-    taken = free[:count]
-    _gpus_in_use.update(taken)
+    for gpu in taken:
+        _gpu_load[gpu] = _gpu_load.get(gpu, 0.0) + share
     return taken
 
 
-def release_gpus(gpus: list[int]) -> None:
-    _gpus_in_use.difference_update(gpus)
+def release_gpus(gpus: list[int], share: float = 1.0) -> None:
+    """Give back what ``reserve_gpus(..., share)`` took for these GPUs."""
+    for gpu in gpus:
+        left = _gpu_load.get(gpu, 0.0) - share
+        if left > _EPS:
+            _gpu_load[gpu] = left
+        else:
+            _gpu_load.pop(gpu, None)
 
 
 # ---------------------------------------------------------------- spawn / stop
@@ -155,6 +191,7 @@ async def spawn_processes(
     env: dict[str, str] | None = None,
     placement=None,
     host_mesh=None,
+    gpu_share: float = 1.0,
 ) -> Processes:
     """Start ``count`` processes (per host) as one ProcMesh named ``name``.
 
@@ -162,6 +199,8 @@ async def spawn_processes(
         count: processes per host.
         name: the mesh's name (Monarch adds a random suffix).
         gpus: on this machine, process ``i`` sees only ``gpus[i]`` (as its cuda:0).
+        gpu_share: the share of its GPU each process was given (``reserve_gpus``),
+            given back when the processes stop.
         env: added to every process's environment (e.g. the replica index).
         placement: a cluster ``Placement``: start on its hosts, each process
             with its GPU there and the host's own Python. None: this machine.
@@ -230,7 +269,7 @@ async def spawn_processes(
         mesh = this_host().spawn_procs(
             per_host={"procs": count}, name=name, bootstrap_command=command_for
         )
-    procs = Processes(mesh=mesh, name=name, pids=[], gpus=list(gpus or []), placement=placement, remote=remote,
+    procs = Processes(mesh=mesh, name=name, pids=[], gpus=list(gpus or []), gpu_share=gpu_share, placement=placement, remote=remote,
                       oom_kills_at_start=memory_oom_kills())
     _live.append(procs)
     try:
@@ -299,7 +338,7 @@ async def stop_processes(procs: Processes, timeout: float = STOP_TIMEOUT_S) -> N
         log.debug("stop of %s did not finish cleanly (%r); killing", procs.name, e)
         kill_processes(procs)
     finally:
-        release_gpus(procs.gpus)
+        release_gpus(procs.gpus, procs.gpu_share)
         if procs.placement is not None:
             procs.placement.release()
         if procs in _live:

@@ -61,6 +61,9 @@ class PolicyConfig:
 
     num_replicas: int = 1
     with_gpus: bool = False
+    # With with_gpus: the share of one GPU each replica takes (1.0: a GPU of
+    # its own). Below 1, keep the engine to it too (engine.gpu_memory_utilization).
+    gpu_share: float = 1.0
     backend: str = "auto"  # "auto" (vLLM if it imports), "vllm" or "transformers"
     max_tokens: int = 64  # also each episode's response_len
     temperature: float = 1.0
@@ -97,6 +100,7 @@ class TrainerConfig:
     dtype: str = TrainingConfig.dtype
     num_threads: int | None = TrainingConfig.num_threads  # the trainer's; None: threads_per_process
     with_gpus: bool = False
+    gpu_share: float = 1.0  # with with_gpus: the share of one GPU each process takes
     # Data-parallel processes (DDP; one GPU each with with_gpus). Each step's
     # batch is split evenly over them, so batch_size must divide by procs.
     procs: int = 1
@@ -164,6 +168,7 @@ class ReferenceConfig:
 
     num_replicas: int = 1
     with_gpus: bool = False
+    gpu_share: float = 1.0  # with with_gpus: the share of one GPU each replica takes
     dtype: str = "float32"
     # Responses of each group the reference model scores. The KL penalty
     # (trainer.beta > 0) needs every one: None. With beta 0 the reference
@@ -274,6 +279,10 @@ class GRPOConfig:
     # (the actor when the cluster has more than one host, else files). See
     # forge_lite.actors.weight_server.
     weights: str = "auto"
+    # Where the run's metrics also go: "none", or "tensorboard" (event files
+    # in <output_dir>/tensorboard/, offline; the optional extra
+    # pip install -e '.[tracking]'; see forge_lite.grpo.tracking).
+    tracking: str = "none"
     data: DataConfig = field(default_factory=DataConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -325,6 +334,8 @@ class GRPOConfig:
                 )
                 raise ValueError(f"{name} must be >= {least}, got {value}{why}")
         self._resolve_loss()
+        if self.tracking not in ("none", "tensorboard"):
+            raise ValueError(f"tracking must be 'none' or 'tensorboard', got {self.tracking!r}")
         if self.weights not in WEIGHT_STORE_KINDS:
             raise ValueError(f"weights must be one of {list(WEIGHT_STORE_KINDS)}, got {self.weights!r}")
         if self.reference.kl_samples is not None and self.trainer.beta:

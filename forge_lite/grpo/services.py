@@ -99,7 +99,8 @@ async def start_services(
             streaming=c.data.streaming, model=c.model,
         ),
         "policy": Policy.options(
-            procs=1, num_replicas=c.policy.num_replicas, with_gpus=c.policy.with_gpus,
+            procs=1, num_replicas=c.policy.num_replicas,
+            with_gpus=c.policy.with_gpus, gpu_share=c.policy.gpu_share,
             max_concurrent_requests=c.policy.max_concurrent_requests, router=c.policy.router,
             on_hosts=c.placement.hosts("policy"),
         ).as_service(
@@ -112,7 +113,8 @@ async def start_services(
             policy_version=policy_version,
         ),
         "trainer": RLTrainer.options(
-            procs=c.trainer.procs, with_gpus=c.trainer.with_gpus, on_hosts=c.placement.hosts("trainer"),
+            procs=c.trainer.procs, with_gpus=c.trainer.with_gpus, gpu_share=c.trainer.gpu_share,
+            on_hosts=c.placement.hosts("trainer"),
         ).as_actor(
             model=c.model,
             optimizer={"name": c.trainer.optimizer, "lr": c.trainer.lr, "weight_decay": c.trainer.weight_decay},
@@ -137,7 +139,8 @@ async def start_services(
         ),
         "compute_advantages": ComputeAdvantages.options(procs=1).as_actor(scale=c.loss.scale_rewards),
         "ref_model": ReferenceModel.options(
-            procs=1, num_replicas=c.reference.num_replicas, with_gpus=c.reference.with_gpus,
+            procs=1, num_replicas=c.reference.num_replicas,
+            with_gpus=c.reference.with_gpus, gpu_share=c.reference.gpu_share,
             on_hosts=c.placement.hosts("reference"),
         ).as_service(model=c.model, dtype=c.reference.dtype),
         "reward_actor": RewardActor.options(

@@ -247,17 +247,18 @@ class Replica:
                 svc.actor_cls.procs, f"{svc.name}_r{self.index}", env=env, placement=placement
             )
         else:
+            share = svc.actor_cls.gpu_share
             gpus = (
-                _procs.reserve_gpus(svc.actor_cls.procs, f"{svc.name} replica {self.index}")
+                _procs.reserve_gpus(svc.actor_cls.procs, f"{svc.name} replica {self.index}", share)
                 if svc.actor_cls.with_gpus
                 else None
             )
             try:
                 self.processes = await _procs.spawn_processes(
-                    svc.actor_cls.procs, f"{svc.name}_r{self.index}", gpus, env=env
+                    svc.actor_cls.procs, f"{svc.name}_r{self.index}", gpus, env=env, gpu_share=share
                 )
             except BaseException:
-                _procs.release_gpus(gpus or [])
+                _procs.release_gpus(gpus or [], share)
                 raise
         runtime.on_mesh_failure(self._actor_name, self._on_mesh_failure)
         try:

@@ -155,11 +155,16 @@ class Service:
         if actor_cls.with_gpus and _cluster.current().is_local:  # a cluster counts per host (Cluster.place)
             gpus = _procs.visible_gpus()
             needed = actor_cls.num_replicas * actor_cls.procs
-            if gpus and needed > len(gpus):
+            share = actor_cls.gpu_share
+            if gpus and _procs.pack_gpus(needed, share, gpus, {}) is None:
+                each = "" if share == 1 else f" at a share of {share:g} each"
                 raise RuntimeError(
-                    f"{actor_cls.__name__} needs {needed} GPUs ({actor_cls.num_replicas} replicas × "
+                    f"{actor_cls.__name__} needs {needed} GPUs{each} ({actor_cls.num_replicas} replicas × "
                     f"{actor_cls.procs} procs) but this machine has {len(gpus)}."
                 )
+        elif actor_cls.with_gpus and actor_cls.gpu_share < 1:
+            raise ValueError(f"{actor_cls.__name__}: gpu_share={actor_cls.gpu_share} shares a GPU of this "
+                             "machine; on a cluster each process takes a whole GPU (leave gpu_share at 1)")
         service = cls(actor_cls, args, kwargs)
         service.cluster.check(actor_cls.hosts or 1, f"{actor_cls.__name__}.options(hosts={actor_cls.hosts})")
         if actor_cls.on_hosts is not None:  # every host it names is in the cluster: checked before any spawn
