@@ -113,6 +113,8 @@ class GRPORun:
         self._began = 0.0
         self._previous_environment: dict[str, str | None] = {}
         self._rollouts: list[asyncio.Task] = []
+        self._tracker = None  # a TensorBoardTracker with tracking: tensorboard
+        self._untrack = None
 
     async def start(self) -> GRPORun:
         """Start every service (stopping them all again if one fails); returns self."""
@@ -123,6 +125,12 @@ class GRPORun:
             self.config, output_dir=os.path.abspath(self.output_dir)
         )
         self._began = time.perf_counter()
+        if config.tracking == "tensorboard" and self._tracker is None:
+            # Before any process starts: without the extra, the ImportError comes now.
+            from forge_lite.grpo.tracking import TensorBoardTracker
+
+            self._tracker = TensorBoardTracker(self.output_dir / "tensorboard")
+            self._untrack = self.recorder.subscribe(self._tracker)
         check_placement(config)  # a host the cluster lacks: an error before any process starts
         # The run's own store, handed to its trainer and policy: a folder on one
         # host, the actor store across hosts (config.weights). Its WeightServer
@@ -281,6 +289,10 @@ class GRPORun:
     async def shutdown(self) -> None:
         """Stop every service and actor, delete the run's weights; safe to call twice."""
         await cancel_all(self._rollouts)
+        if self._tracker is not None:  # its event file complete on disk
+            self._untrack()
+            self._tracker.close()
+            self._tracker = None
         if self.services is not None:
             await shutdown_all(vars(self.services).values())
             self.services = None
