@@ -86,6 +86,17 @@ Listener = Callable[[object], None]
 
 
 class MetricsRecorder:
+    """What a GRPO run measured, in the kernel, as it happens: one
+    ``StepRecord`` per training step (``steps``), one ``VersionRecord`` per
+    weight sync (``versions``), and the run's ``RunStatus`` (``status``).
+
+    The run records; dashboards, the tracker and the results files read.
+    Everything is plain data in this process: ``run.recorder.steps[-1]``
+    answers "what did the last step do" without touching any actor. A
+    listener (``subscribe``) is called on the kernel's event loop for every
+    new record; one that raises is reported once and never stops the run.
+    """
+
     def __init__(self) -> None:
         self.steps: list[StepRecord] = []
         self.versions: list[VersionRecord] = []
@@ -108,12 +119,19 @@ class MetricsRecorder:
             self._errors.call(listener, record)
 
     def record_step(self, **values) -> StepRecord:
+        """Append one training step, given as ``StepRecord``'s fields (``step``,
+        the phase times in seconds, the reward, loss and KL means, ...), tell
+        every listener, and return the record. Raises TypeError for a field
+        ``StepRecord`` does not have."""
         record = StepRecord(**values)
         self.steps.append(record)
         self._publish(record)
         return record
 
     def record_versions(self, step: int, trainer_version: int, replica_versions) -> VersionRecord:
+        """Append which weight version the trainer published after ``step`` and
+        which each policy replica serves (in replica order), tell every
+        listener, and return the record."""
         record = VersionRecord(step, trainer_version, tuple(replica_versions))
         self.versions.append(record)
         self._publish(record)
