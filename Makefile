@@ -52,6 +52,10 @@ ifeq ($(TARGET),cpu)
 else
 	$(PIP) install --quiet -e ".[gpu,dev]"
 endif
+	# JupyterHub's proxy (configurable-http-proxy, from npm) for the workshop
+	# Hub (docs/workshop.md) and its test; without npm that test is skipped.
+	if command -v npm >/dev/null 2>&1; then \
+		npm install --silent --no-fund --no-audit --prefix $(VENV)/node configurable-http-proxy; fi
 	$(PY) -m forge_lite.doctor --quiet
 	rm -f $(VENV)/.installed-*
 	touch $@
