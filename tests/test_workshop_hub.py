@@ -231,6 +231,11 @@ def hub(learners, tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        # A Hub stopped while starting up leaves its proxy running (its own session): by its pid file.
+        proxy_pid = state / "jupyterhub-proxy.pid"
+        if proxy_pid.exists() and psutil.pid_exists(pid := int(proxy_pid.read_text())):
+            if "configurable-http-proxy" in " ".join(psutil.Process(pid).cmdline()):
+                psutil.Process(pid).kill()
 
 
 # ---------------------------------------------------------------- talking to it as a browser does
@@ -424,7 +429,15 @@ print("PIDS", os.getpid(), *[p.pid for p in psutil.Process().children(recursive=
 async def test_a_kernel_killed_mid_training_leaves_no_process(hub, learners):
     """A culled or crashed kernel: SIGKILL, no goodbye. Its workers notice and exit."""
     learner = learners[0]
-    if (await _api(hub, "GET", f"/hub/api/users/{learner.name}")).get("servers"):
+    from tornado.httpclient import HTTPClientError
+
+    try:
+        running = (await _api(hub, "GET", f"/hub/api/users/{learner.name}")).get("servers")
+    except HTTPClientError as error:
+        if error.code != 404:  # 404: not a user of the Hub yet (this check runs alone)
+            raise
+        running = False
+    if running:
         await stop_server(hub, learner)  # left running by a failed check before this one
     token = await start_server(hub, learner)
     server_pids = {p.pid for p in processes_of(learner.uid)}
