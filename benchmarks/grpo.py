@@ -29,7 +29,8 @@ from forge_lite.grpo.run import run_grpo
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "grpo_tiny.yaml"
-RESULTS = Path(__file__).parent / "results" / "grpo"
+# FORGE_LITE_BENCH_RESULTS names another folder (the smoke tests' temporary one).
+RESULTS = Path(os.environ.get("FORGE_LITE_BENCH_RESULTS") or Path(__file__).parent / "results") / "grpo"
 
 
 def report(result) -> dict:

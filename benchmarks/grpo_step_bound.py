@@ -1,6 +1,7 @@
 """The ideal GRPO step on this machine: its compute alone, without messaging.
 
-    python benchmarks/grpo_step_bound.py      # about a minute
+    python benchmarks/grpo_step_bound.py              # about a minute
+    python benchmarks/grpo_step_bound.py --rounds 1   # the smoke test's short run
 
 One step of the tiny config (configs/grpo_tiny.yaml) is two pieces of work:
 generate 4 prompts x 8 responses of up to 32 tokens, and train on a batch of
@@ -15,14 +16,19 @@ from the shipped math set, and are timed with 1 thread and with 2:
   the rollout and training loops would reach.
 
 The GRPO loop (``python -m forge_lite.grpo``) reports its seconds per step;
-divide by these to see how far it is from each.
+divide by these to see how far it is from each. Also printed: the engine's
+own generation rate (tokens/s, 1 thread). Writes
+``benchmarks/results/grpo_step_bound.json``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -35,7 +41,9 @@ from forge_lite.rl.collate import drop_padding_columns, grpo_collate
 from forge_lite.rl.episode import Group
 from forge_lite.rl.loss import grpo_loss, token_logprobs
 
-PROMPTS, GROUP, MAX_TOKENS, REQUEST_LEN, ROUNDS = 4, 8, 32, 96, 5
+PROMPTS, GROUP, MAX_TOKENS, REQUEST_LEN = 4, 8, 32, 96
+# FORGE_LITE_BENCH_RESULTS names another folder (the smoke tests' temporary one).
+RESULTS = Path(os.environ.get("FORGE_LITE_BENCH_RESULTS") or Path(__file__).parent / "results") / "grpo_step_bound.json"
 
 
 def problems(tokenizer, start: int) -> list[str]:
@@ -76,8 +84,9 @@ def train_step(model, optimizer, completions: list, pad_id: int) -> None:
     optimizer.step()
 
 
-def measure(threads: int) -> tuple[float, float]:
-    """Median seconds of one step's generation and one step's training."""
+def measure(threads: int, rounds: int) -> tuple[float, float, float]:
+    """Median seconds of one step's generation and one step's training, and
+    the generation's tokens per second (all rounds)."""
     torch.set_num_threads(threads)
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     engine = make_engine({"backend": "transformers"}, seed=0)
@@ -86,28 +95,41 @@ def measure(threads: int) -> tuple[float, float]:
     optimizer = build_optimizer(model.parameters(), {"name": "AdamW", "lr": 2e-4})
     completions = generate(engine, problems(tokenizer, 0))  # warm-up
     train_step(model, optimizer, completions, tokenizer.pad_token_id)
-    gen_s, train_s = [], []
-    for round_ in range(ROUNDS):
+    gen_s, train_s, tokens = [], [], 0
+    for round_ in range(rounds):
         started = time.perf_counter()
         completions = generate(engine, problems(tokenizer, (round_ + 1) * PROMPTS))
         gen_s.append(time.perf_counter() - started)
+        tokens += sum(len(c.token_ids) for c in completions)
         started = time.perf_counter()
         train_step(model, optimizer, completions, tokenizer.pad_token_id)
         train_s.append(time.perf_counter() - started)
-    return statistics.median(gen_s), statistics.median(train_s)
+    return statistics.median(gen_s), statistics.median(train_s), tokens / sum(gen_s)
 
 
-def main() -> None:
-    one_gen, one_train = measure(1)
-    two_gen, two_train = measure(2)
+def main(rounds: int) -> None:
+    one_gen, one_train, one_rate = measure(1, rounds)
+    two_gen, two_train, _ = measure(2, rounds)
     serial = two_gen + two_train
     pipelined = max(one_gen, one_train)
-    print(f"{'':28}{'generate':>10}{'train':>10}   (median of {ROUNDS}, seconds per step)")
+    print(f"{'':28}{'generate':>10}{'train':>10}   (median of {rounds}, seconds per step)")
     print(f"{'1 thread':28}{one_gen:10.3f}{one_train:10.3f}")
     print(f"{'2 threads':28}{two_gen:10.3f}{two_train:10.3f}")
+    print(f"generation, 1 thread:       {one_rate:.0f} tokens/s")
     print(f"serial, 2 threads:          {serial:.3f} s/step = {60 / serial:.0f} steps/min")
     print(f"pipelined bound, 1 core each: {pipelined:.3f} s/step = {60 / pipelined:.0f} steps/min")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "rounds": rounds, "load_average_1min": os.getloadavg()[0],
+        "seconds_per_step": {"1_thread": {"generate": one_gen, "train": one_train},
+                             "2_threads": {"generate": two_gen, "train": two_train}},
+        "generate_tokens_per_s_1_thread": one_rate,
+        "serial_steps_per_min": 60 / serial, "pipelined_bound_steps_per_min": 60 / pipelined,
+    }, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="timed steps per thread count (median taken)")
+    main(parser.parse_args().rounds)

@@ -4,6 +4,7 @@
     python benchmarks/multiturn.py --part cache       # sessions vs round robin vs prefix router
     python benchmarks/multiturn.py --part learning    # two whole runs of the config
     python benchmarks/multiturn.py --part cache steps=10   # overrides for every run
+    python benchmarks/multiturn.py --part cache --tasks retry steps=1   # the smoke test's short run
 
 Runs ``configs/grpo_tool_tiny.yaml`` (two policy replicas, the tool model).
 
@@ -45,7 +46,8 @@ from forge_lite.grpo.run import run_grpo
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "grpo_tool_tiny.yaml"
-RESULTS = Path(__file__).parent / "results" / "multiturn"
+# FORGE_LITE_BENCH_RESULTS names another folder (the smoke tests' temporary one).
+RESULTS = Path(os.environ.get("FORGE_LITE_BENCH_RESULTS") or Path(__file__).parent / "results") / "multiturn"
 
 CACHE_MODES = {
     "sessions": ["env.sessions=true", "policy.router=round_robin"],
@@ -63,9 +65,10 @@ CACHE_TASKS = {
 }
 
 
-async def cache_part(overrides: list[str]) -> dict:
+async def cache_part(overrides: list[str], tasks: list[str]) -> dict:
     numbers = {}
-    for task, task_settings in CACHE_TASKS.items():
+    for task in tasks:
+        task_settings = CACHE_TASKS[task]
         numbers[task] = {}
         for mode, settings in CACHE_MODES.items():
             out = RESULTS / f"cache-{task}-{mode.replace(' ', '-')}"
@@ -132,12 +135,12 @@ async def learning_part(overrides: list[str]) -> dict:
     return runs
 
 
-async def main(part: str, overrides: list[str]) -> None:
+async def main(part: str, overrides: list[str], tasks: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS.parent / "multiturn.json"
     numbers = json.loads(path.read_text()) if path.exists() else {}
     if part in ("cache", "all"):
-        numbers["cache"] = await cache_part(overrides)
+        numbers["cache"] = await cache_part(overrides, tasks)
     if part in ("learning", "all"):
         numbers["learning"] = await learning_part(overrides)
     numbers["overrides"] = overrides
@@ -147,6 +150,11 @@ async def main(part: str, overrides: list[str]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=["cache", "learning", "all"], default="all")
+    parser.add_argument("--tasks", default=",".join(CACHE_TASKS),
+                        help=f"the cache part's tasks, comma-separated (default: {','.join(CACHE_TASKS)})")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="changes to the config")
     args = parser.parse_args()
-    asyncio.run(main(args.part, args.overrides))
+    tasks = args.tasks.split(",")
+    if unknown := sorted(set(tasks) - set(CACHE_TASKS)):
+        parser.error(f"unknown task(s) {unknown}; known: {list(CACHE_TASKS)}")
+    asyncio.run(main(args.part, args.overrides, tasks))

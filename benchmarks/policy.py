@@ -48,7 +48,8 @@ from forge_lite.actors.weights import WeightStore
 from forge_lite.assets import DEFAULT_MODEL, MATH_DATA_DIR
 from forge_lite.data.prompts import format_request
 
-RESULTS = Path(__file__).parent / "results" / "policy.json"
+# FORGE_LITE_BENCH_RESULTS names another folder (the smoke tests' temporary one).
+RESULTS = Path(os.environ.get("FORGE_LITE_BENCH_RESULTS") or Path(__file__).parent / "results") / "policy.json"
 TARGET_ROUTE_RATIO = 0.85
 TARGET_CACHED = 0.80
 # vLLM on CPU caches whole blocks of this many tokens (16 on GPU).
@@ -113,12 +114,13 @@ def tokens_in(results) -> int:
 
 class CacheReset:
     """Empties every replica's prefix cache by reloading the weights they already
-    serve: `update_weights` drops the cache, and the kit has no other remote call for it."""
+    serve: `update_weights` drops the cache, and the kit has no other remote call for it.
+    Every service is spawned with `weight_store=reset.store`, the store that holds them."""
 
     def __init__(self):
         from transformers import AutoModelForCausalLM
 
-        self.store = WeightStore()  # before any replica spawns, so they share it
+        self.store = WeightStore()
         self.version = 1
         self.store.put(self.version, AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL).state_dict())
 
@@ -132,7 +134,7 @@ class CacheReset:
 async def measure_route_vs_direct(args, prompts: list[str], engine, reset: CacheReset) -> dict:
     sampling = {"temperature": 0.0, "max_tokens": args.max_tokens}
     service = await StepRecordingPolicy.options(num_replicas=1).as_service(
-        engine_config=ENGINE_CONFIGS["vllm"], sampling_config=sampling
+        engine_config=ENGINE_CONFIGS["vllm"], sampling_config=sampling, weight_store=reset.store
     )
     limit = service.service.config.max_concurrent_requests
 
@@ -257,6 +259,7 @@ async def measure_cache_reuse(args, engine_name: str, tokenizer, questions, rese
     service = await Policy.options(num_replicas=2).as_service(
         engine_config=ENGINE_CONFIGS[engine_name],
         sampling_config={"temperature": 0.0, "max_tokens": args.max_tokens},
+        weight_store=reset.store,
     )
     per_conversation = [
         questions[i * args.turns : (i + 1) * args.turns] for i in range(args.conversations)

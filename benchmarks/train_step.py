@@ -1,6 +1,7 @@
 """What dropping padding columns saves the trainer, measured side by side.
 
-    python benchmarks/train_step.py          # about half a minute
+    python benchmarks/train_step.py              # about half a minute
+    python benchmarks/train_step.py --rounds 1   # the smoke test's short run
 
 Builds the batch the tiny GRPO config trains on: 32 of the shipped math
 problems, each request left-padded to ``request_len`` 96 and each response
@@ -9,14 +10,18 @@ trainer's forward and backward on it as collated, and after
 ``drop_padding_columns`` (what ``RLTrainer.train_step`` does), alternating the
 two so machine noise hits both alike. One thread, as in a GRPO run.
 
-Prints the two shapes, the median times and their ratio.
+Prints the two shapes, the median times and their ratio; writes
+``benchmarks/results/train_step.json``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,7 +32,9 @@ from forge_lite.grpo import Episode
 from forge_lite.rl.collate import drop_padding_columns, grpo_collate
 from forge_lite.rl.loss import grpo_loss, response_logprobs
 
-BATCH, REQUEST_LEN, RESPONSE_LEN, ROUNDS = 32, 96, 32, 7
+BATCH, REQUEST_LEN, RESPONSE_LEN = 32, 96, 32
+# FORGE_LITE_BENCH_RESULTS names another folder (the smoke tests' temporary one).
+RESULTS = Path(os.environ.get("FORGE_LITE_BENCH_RESULTS") or Path(__file__).parent / "results") / "train_step.json"
 
 
 def realistic_batch(tokenizer) -> tuple[dict, dict]:
@@ -59,7 +66,7 @@ def forward_backward(model, batch: dict, target: dict) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
+def main(rounds: int) -> None:
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     model = load_causal_lm(DEFAULT_MODEL, "float32", torch.device("cpu"))
@@ -67,14 +74,23 @@ def main() -> None:
     dropped = drop_padding_columns(*padded)
     forward_backward(model, *padded)  # warm-up
     times = {"padded": [], "dropped": []}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         times["padded"].append(forward_backward(model, *padded))
         times["dropped"].append(forward_backward(model, *dropped))
     padded_s, dropped_s = (statistics.median(times[k]) for k in ("padded", "dropped"))
     print(f"batch as collated:      {tuple(padded[0]['tokens'].shape)}  {padded_s * 1e3:6.0f} ms")
     print(f"padding columns gone:   {tuple(dropped[0]['tokens'].shape)}  {dropped_s * 1e3:6.0f} ms")
-    print(f"ratio (dropped/padded): {dropped_s / padded_s:.2f}  (median of {ROUNDS}, forward + backward)")
+    print(f"ratio (dropped/padded): {dropped_s / padded_s:.2f}  (median of {rounds}, forward + backward)")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "rounds": rounds, "padded_shape": list(padded[0]["tokens"].shape),
+        "dropped_shape": list(dropped[0]["tokens"].shape), "padded_s": padded_s, "dropped_s": dropped_s,
+        "ratio": dropped_s / padded_s,
+    }, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds of each shape (median taken)")
+    main(parser.parse_args().rounds)

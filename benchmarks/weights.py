@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -66,7 +67,8 @@ from forge_lite.assets import DEFAULT_MODEL
 from forge_lite.controller import ForgeActor
 from forge_lite.worker import LocalHosts
 
-RESULTS = Path(__file__).parent / "results" / "weights.json"
+# FORGE_LITE_BENCH_RESULTS names another folder (the smoke tests' temporary one).
+RESULTS = Path(os.environ.get("FORGE_LITE_BENCH_RESULTS") or Path(__file__).parent / "results") / "weights.json"
 REPLICAS = 4
 
 # Qwen3-0.6B's shape (its config.json); "half" and "quarter" keep the layer
