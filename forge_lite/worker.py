@@ -22,6 +22,7 @@ import argparse
 import atexit
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -229,7 +230,10 @@ class LocalHosts:
             raise ValueError(f"count must be >= 1, got {count}")
         self.count = count
         self.namespaces = can_make_namespaces() if namespaces is None else namespaces
-        tag = os.getpid() % 100000
+        # The pid, and a random part: a namespace left by a killed process
+        # whose pid comes round again must not be taken for this one's.
+        # (veth names stay within Linux's 15 characters: flv<tag>x<i>.)
+        tag = f"{os.getpid() % 100000}{secrets.token_hex(2)}"
         self.subnet = _free_subnet() if self.namespaces else None  # "10.N": the hosts' addresses
         self._ns = [f"fl{tag}h{i}" for i in range(count)]
         self._veth = [f"flv{tag}x{i}" for i in range(count)]
@@ -376,7 +380,7 @@ def can_make_namespaces() -> bool:
 
 
 _IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
-_NAMESPACE_NAME = re.compile(r"^fl\d+h\d+\b")  # LocalHosts' namespaces: fl<pid>h<host>
+_NAMESPACE_NAME = re.compile(r"^fl\d+[0-9a-f]{4}h\d+\b")  # LocalHosts' namespaces: fl<pid><random>h<host>
 
 
 def _namespaces_in_use() -> bool:
