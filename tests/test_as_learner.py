@@ -2,16 +2,16 @@
 
 CI runs as root; a workshop's learners never are. Here a throwaway Unix
 user (``tests/learners.py``) runs the host checks (loopback hosts: a learner
-cannot make network namespaces) and notebook 05, after root has used the kit
-on this machine (the rest of the suite ran as root before, leaving its files
-in the shared temporary folder): the learner's runs must work beside them.
+cannot make network namespaces) after root has used the kit on this machine
+(the rest of the suite ran as root before, leaving its files in the shared
+temporary folder): the learner's runs must work beside them. Notebook 05
+runs as a learner in ``tests/test_workshop_hub.py``, with every other
+notebook, through a real JupyterHub.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -39,24 +39,3 @@ def test_host_checks_pass_as_a_learner(learner):
     assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-3000:]
     assert re.search(r"^HOSTS MODE: loopback", out.stdout, re.MULTILINE), out.stdout[-2000:]
     assert " passed" in summary and "failed" not in summary
-
-
-def learners_copy(learner) -> Path:
-    """The repository as a learner has it: a copy in their home, theirs to
-    write in (a notebook writes its runs next to itself), using the shared
-    ``.venv`` as a workshop does."""
-    copy = learner.home / "forge_lite"
-    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "runs"))
-    subprocess.run(["chown", "-R", f"{learner.name}:", str(copy)], check=True)
-    return copy
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_notebook_05_runs_as_a_learner(learner):
-    copy = learners_copy(learner)
-    notebook = "notebooks/05_services_across_hosts.ipynb"
-    out = as_user(learner, ["python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
-                            "--nbval-sanitize-with", "tests/nbval_sanitize.cfg", notebook], cwd=copy, timeout=560)
-    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
-    assert (copy / "notebooks" / "runs").is_dir()  # the learner's run wrote where the learner works
