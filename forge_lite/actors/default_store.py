@@ -76,11 +76,12 @@ async def with_default_weight_store(actor_class: type, args: tuple, kwargs: dict
     subclass with its own signature), or arguments that do not fit the
     constructor (its own error is clearer), get ``kwargs`` unchanged.
     """
-    try:
-        bound = inspect.signature(actor_class.__init__).bind(None, *args, **kwargs)
-    except TypeError:
+    signature = inspect.signature(actor_class.__init__)
+    if "weight_store" not in signature.parameters:
         return kwargs
-    if "weight_store" not in inspect.signature(actor_class.__init__).parameters:
+    try:
+        bound = signature.bind(None, *args, **kwargs)
+    except TypeError:
         return kwargs
     if bound.arguments.get("weight_store") is not None:
         return kwargs

@@ -364,36 +364,38 @@ def _memory_cgroup() -> tuple[str, str] | None:
     return None
 
 
-def memory_oom_kills() -> int | None:
-    """How many processes the kernel's OOM killer has killed in the caller's
-    memory cgroup (a JupyterHub server's memory limit is one); None where
-    Linux does not say."""
+def _read_memory_cgroup(v1_file: str, v2_file: str) -> str | None:
+    """The text of the caller's memory cgroup file (``v1_file`` under cgroup
+    v1, ``v2_file`` under v2); None without a cgroup or where it cannot be read."""
     group = _memory_cgroup()
     if group is None:
         return None
     version, folder = group
     try:
-        with open(os.path.join(folder, "memory.oom_control" if version == "v1" else "memory.events")) as f:
-            for line in f:
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-    except (OSError, ValueError):
-        pass
+        with open(os.path.join(folder, v1_file if version == "v1" else v2_file)) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def memory_oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has killed in the caller's
+    memory cgroup (a JupyterHub server's memory limit is one); None where
+    Linux does not say."""
+    text = _read_memory_cgroup("memory.oom_control", "memory.events")
+    for line in (text or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill" and value.strip().isdigit():
+            return int(value)
     return None
 
 
 def memory_limit_mb() -> int | None:
     """The caller's memory cgroup's limit in MB; None without one."""
-    group = _memory_cgroup()
-    if group is None:
-        return None
-    version, folder = group
+    text = _read_memory_cgroup("memory.limit_in_bytes", "memory.max")
     try:
-        with open(os.path.join(folder, "memory.limit_in_bytes" if version == "v1" else "memory.max")) as f:
-            value = f.read().strip()
-        limit = int(value)
-    except (OSError, ValueError):  # "max": no limit
+        limit = int((text or "").strip())
+    except ValueError:  # "max" (v2): no limit; or no cgroup
         return None
     return None if limit >= 2**60 else limit // 2**20
 

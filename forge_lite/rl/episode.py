@@ -134,32 +134,30 @@ class Episode:
         padding would stand in for the reference's logprobs of real tokens
         and the loss would pull those tokens towards probability 1.
         """
-        if self.ref_logprobs is None:
-            raise ValueError(f"episode {self.episode_id!r} has no ref_logprobs; set them first")
-        logprobs = torch.as_tensor(self.ref_logprobs, dtype=torch.float32).flatten()
-        tokens = len(self._tokens("response_tokens", self.response_len))
-        if len(logprobs) != tokens:
-            raise ValueError(
-                f"episode {self.episode_id!r}: {len(logprobs)} ref_logprobs for {tokens} "
-                "response_tokens; pass one logprob per response token "
-                "(ReferenceModel.forward with max_req_tokens=<request length>)"
-            )
-        return torch.cat([logprobs, logprobs.new_zeros(self.response_len - len(logprobs))])
+        return self._padded_logprobs(
+            "ref_logprobs", "", "pass one logprob per response token "
+            "(ReferenceModel.forward with max_req_tokens=<request length>)")
 
     @property
     def padded_behaviour_logprobs(self) -> torch.Tensor:
         """``behaviour_logprobs`` right-padded with zeros to ``response_len``
         (float32); ValueError without them or without one per response token."""
-        if self.behaviour_logprobs is None:
-            raise ValueError(f"episode {self.episode_id!r} has no behaviour_logprobs; set them first "
-                             "(the Completion's logprobs)")
-        logprobs = torch.as_tensor(self.behaviour_logprobs, dtype=torch.float32).flatten()
+        return self._padded_logprobs(
+            "behaviour_logprobs", " (the Completion's logprobs)",
+            "pass the Completion's logprobs, one per generated token")
+
+    def _padded_logprobs(self, name: str, source: str, advice: str) -> torch.Tensor:
+        """The per-token logprobs in field ``name``, right-padded with zeros to
+        ``response_len`` (float32); ValueError when unset (``source`` says where
+        they come from) or not one per response token (``advice`` says what to pass)."""
+        values = getattr(self, name)
+        if values is None:
+            raise ValueError(f"episode {self.episode_id!r} has no {name}; set them first{source}")
+        logprobs = torch.as_tensor(values, dtype=torch.float32).flatten()
         tokens = len(self._tokens("response_tokens", self.response_len))
         if len(logprobs) != tokens:
-            raise ValueError(
-                f"episode {self.episode_id!r}: {len(logprobs)} behaviour_logprobs for {tokens} "
-                "response_tokens; pass the Completion's logprobs, one per generated token"
-            )
+            raise ValueError(f"episode {self.episode_id!r}: {len(logprobs)} {name} for {tokens} "
+                             f"response_tokens; {advice}")
         return torch.cat([logprobs, logprobs.new_zeros(self.response_len - len(logprobs))])
 
     def _tokens(self, name: str, max_len: int) -> torch.Tensor:
