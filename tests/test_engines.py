@@ -171,8 +171,11 @@ def test_a_completion_survives_pickling_with_its_tensors(tf_engine):
 def test_transformers_logprobs_match_a_full_forward_pass(tf_engine, hf_model):
     # Batched, left-padded decoding and cache reuse must not change the numbers.
     prompts = ["short", "a longer prompt than the first one"]
-    for samples in tf_engine.generate(prompts, SamplingConfig(n=2, max_tokens=10)):
+    completions = tf_engine.generate(prompts, SamplingConfig(n=2, max_tokens=10))
+    assert [len(samples) for samples in completions] == [2, 2]  # four completions compared below
+    for samples in completions:
         for c in samples:
+            assert len(c.token_ids) >= 1
             torch.testing.assert_close(c.logprobs, reference_logprobs(hf_model, c), atol=1e-4, rtol=0)
 
 
@@ -315,6 +318,9 @@ def test_joining_and_leaving_the_batch_keeps_the_logprobs_exact(tf_engine, hf_mo
     while len(finished) < len(request_ids):
         finished.update(tf_engine.step())
     assert len(finished[long_run][0].token_ids) == 80
+    # Every request came back whole (n=1 for the long run, n=2 for the others),
+    # so the loop below compares all seven completions.
+    assert [len(finished[r]) for r in request_ids] == [1, 2, 2, 2]
     for request_id in request_ids:
         for c in finished[request_id]:
             torch.testing.assert_close(c.logprobs, reference_logprobs(hf_model, c), atol=1e-4, rtol=0)
@@ -423,6 +429,7 @@ def test_weight_store_takes_a_model_with_tied_embeddings(store, hf_model):
     # embed_tokens and lm_head share one tensor, which safetensors refuses as is.
     store.put(1, hf_model.state_dict())
     loaded = store.get(1)
+    assert loaded.keys() == hf_model.state_dict().keys()  # the tied pair both there, nothing more
     for name, tensor in hf_model.state_dict().items():
         torch.testing.assert_close(loaded[name], tensor, atol=0, rtol=0)
 
@@ -438,8 +445,10 @@ def test_weight_store_writes_atomically(store):
     store.put(1, {"w": torch.zeros(2)})
     store.put(1, {"w": torch.ones(2)})  # replacing a version swaps the whole file
     torch.testing.assert_close(store.get(1)["w"], torch.ones(2))
-    with pytest.raises(Exception):
-        store.put(2, {"w": "not a tensor"})  # a failed write publishes nothing
+    # safetensors refuses a key that is not a str while it writes the file:
+    # a write that fails midway publishes nothing.
+    with pytest.raises(TypeError, match="str"):
+        store.put(2, {1: torch.zeros(2)})
     assert store.versions() == [1]
     assert os.listdir(store.root) == ["v1.safetensors"]  # and leaves no temporary file
     # A half-written file of a writer that crashed is never taken for a version.
