@@ -3,7 +3,8 @@
 The Hub is started from the instructor's own config,
 ``docs/workshop/jupyterhub_config.py`` (ports, paths and a test password given
 through the environment variables it reads), with configurable-http-proxy on
-loopback. Three throwaway Unix users (``useradd``, removed at the end) each get
+loopback. Three throwaway Unix users (tests/learners.py: ``useradd``, removed
+at the end with everything they left) each get
 a copy of the repository's notebooks in ``~/forge_lite``, as a learner's clone
 would have them. Each one's server is started through the Hub's REST API, and
 the notebooks run THROUGH THE PROXY as JupyterLab runs them: a session (a
@@ -22,9 +23,8 @@ The notebooks run their short mode: the learners' servers get
 (tests/test_notebooks.py), which selects each notebook's test-sized
 parameters and its teardown cell.
 
-Users are made here with ``useradd`` rather than with tests/test_many_users.py's
-helper (another module's fixture); the venv's Python under ``/root`` (0700 here)
-is shown to them the same way, in a mount namespace of their own.
+The venv's Python under ``/root`` (0700 here) is shown to the learners' servers
+as ``tests/learners.py``'s ``as_user`` shows it, in a mount namespace of their own.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from learners import User, learners as throwaway_learners
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_CONFIG = ROOT / "docs" / "workshop" / "jupyterhub_config.py"
@@ -72,15 +72,6 @@ pytestmark = [pytest.mark.slow]
 # ---------------------------------------------------------------- learners
 
 
-class Learner:
-    def __init__(self, name: str):
-        entry = pwd.getpwnam(name)
-        self.name, self.uid, self.gid, self.home = name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir)
-
-    def __repr__(self) -> str:
-        return f"Learner({self.name}, uid {self.uid})"
-
-
 def processes_of(uid: int) -> list[psutil.Process]:
     """Live (not zombie) processes whose real uid is ``uid``."""
     found = []
@@ -103,42 +94,22 @@ def leftovers_in_temp(uid: int) -> list[str]:
     return found
 
 
-def _remove_learner(learner: Learner) -> None:
-    for process in processes_of(learner.uid):  # what outlived a failed check, by pid, only theirs
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(processes_of(learner.uid), timeout=5)
-    for path in leftovers_in_temp(learner.uid):
-        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
-    subprocess.run(["userdel", "--remove", learner.name], capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def learners():
-    """Three throwaway Unix users, each with the notebooks in ~/forge_lite; removed at the end."""
-    if os.geteuid() != 0 or shutil.which("useradd") is None:
-        pytest.skip("needs root and useradd to make the learners")
-    if sys.base_prefix.startswith("/root/") and (shutil.which("unshare") is None or shutil.which("setpriv") is None):
-        pytest.skip("the venv's Python is under /root; unshare and setpriv are needed to show it to the learners")
-    made = []
-    try:
-        for i in range(3):
-            name = f"flhub{os.getpid() % 100000}{'abc'[i]}"
-            subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True, capture_output=True)
-            learner = Learner(name)
-            made.append(learner)
+    """Three throwaway Unix users (``tests/learners.py``), each with the notebooks
+    in ~/forge_lite; removed at the end, with every process and file they left."""
+    if sys.base_prefix.startswith("/root/") and shutil.which("setpriv") is None:
+        pytest.skip("the venv's Python is under /root; setpriv is needed to start the learners' servers")
+    with throwaway_learners(3, tag="flhub") as made:  # skips where users cannot be made
+        for learner in made:
             # What a learner's clone holds that the notebooks use (../configs, ../docs).
             checkout = learner.home / "forge_lite"
             for folder in ("notebooks", "configs", "docs"):
                 shutil.copytree(ROOT / folder, checkout / folder,
                                 ignore=shutil.ignore_patterns("runs", ".ipynb_checkpoints", "__pycache__"))
-            subprocess.run(["chown", "-R", f"{learner.uid}:{learner.gid}", str(checkout)], check=True)
+            # "name:" is the user and their login group.
+            subprocess.run(["chown", "-R", f"{learner.name}:", str(checkout)], check=True)
         yield made
-    finally:
-        for learner in made:
-            _remove_learner(learner)
 
 
 # ---------------------------------------------------------------- the Hub
@@ -252,7 +223,7 @@ async def _api(hub: Hub, method: str, path: str, body=None, token: str | None = 
     return json.loads(response.body) if response.body else {}
 
 
-async def start_server(hub: Hub, learner: Learner) -> str:
+async def start_server(hub: Hub, learner: User) -> str:
     """Create the learner in the Hub, start their server; return a token of theirs."""
     from tornado.httpclient import HTTPClientError
 
@@ -271,7 +242,7 @@ async def start_server(hub: Hub, learner: Learner) -> str:
     return token
 
 
-async def stop_server(hub: Hub, learner: Learner) -> None:
+async def stop_server(hub: Hub, learner: User) -> None:
     await _api(hub, "DELETE", f"/hub/api/users/{learner.name}/server")
     deadline = time.monotonic() + 60
     while (await _api(hub, "GET", f"/hub/api/users/{learner.name}")).get("servers"):
@@ -283,7 +254,7 @@ class Kernel:
     """A kernel of a learner's server, driven over its websocket (the Jupyter
     messaging protocol's JSON form, as JupyterLab speaks it)."""
 
-    def __init__(self, hub: Hub, learner: Learner, token: str, notebook_path: str):
+    def __init__(self, hub: Hub, learner: User, token: str, notebook_path: str):
         self.hub, self.learner, self.token, self.path = hub, learner, token, notebook_path
         self.session = uuid.uuid4().hex
 
@@ -343,7 +314,7 @@ class Kernel:
                        token=self.token)
 
 
-async def run_notebook(hub: Hub, learner: Learner, token: str, name: str, keep_kernel: bool) -> dict:
+async def run_notebook(hub: Hub, learner: User, token: str, name: str, keep_kernel: bool) -> dict:
     """Every code cell of ``name`` through the proxy; a record of the run."""
     path = f"forge_lite/notebooks/{name}.ipynb"
     notebook = (await _api(hub, "GET", f"/user/{learner.name}/api/contents/{path}?content=1", token=token))["content"]
