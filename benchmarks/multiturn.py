@@ -81,6 +81,7 @@ async def cache_part(overrides: list[str], tasks: list[str]) -> dict:
             trajectories = read_trajectories(out)
             times = [sum(t["generate_s"] + t["env_s"] for t in r["turns"]) for r in trajectories]
             numbers[task][mode] = {
+                "steps": len(result.recorder.steps),
                 **cache_summary(trajectories),
                 "trajectories": len(trajectories),
                 "rollout_s_per_trajectory": sum(times) / len(times),
@@ -91,7 +92,8 @@ async def cache_part(overrides: list[str], tasks: list[str]) -> dict:
         for values in numbers[task].values():
             values["time_vs_sessions"] = values["rollout_s_per_trajectory"] / base
     print()
-    print(f"KV cache over turns 2+ during multi-turn GRPO ({CACHE_STEPS} steps each, 2 policy replicas, "
+    # The runs' step count: CACHE_STEPS unless an override (steps=N) changed it.
+    print(f"KV cache over turns 2+ during multi-turn GRPO ({config.steps} steps each, 2 policy replicas, "
           f"{platform.machine()}, {os.cpu_count()} CPUs)")
     print(f"{'':26} {'cached/prompt':>14} {'cached/reusable':>16} {'same replica':>13} {'moved, cached':>14} "
           f"{'weights changed':>16} {'s/trajectory':>13} {'vs sessions':>12}")

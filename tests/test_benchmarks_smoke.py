@@ -71,6 +71,7 @@ def checks(name: str, numbers: dict) -> None:
         assert numbers["overhead"] and numbers["losses"]
     elif name == "multiturn":
         assert set(numbers["cache"]["retry"]) == {"sessions", "round robin", "prefix router"}
+        assert [mode["steps"] for mode in numbers["cache"]["retry"].values()] == [1, 1, 1]  # steps=1 obeyed
     elif name == "notebook_overhead":
         assert [len(numbers["runs"][kind]) for kind in ("terminal", "notebook")] == [1, 1]
     elif name == "policy":
