@@ -21,7 +21,8 @@ there before any training, on both sides; the benchmark stops if either
 side measures anything else, because then the two are not answering the
 same prompts. TRL's evaluations run ``model.generate`` on the trainer's
 current model from a ``TrainerCallback``; forge_lite's run on its policy
-service (``GRPORun.evaluate``) while the training loop waits.
+service, by ``GRPORun`` itself (``evaluate_every``), while no new rollout
+starts and the training loop waits.
 
 Evaluation time is left out of every clock on both sides: a side's clock
 is the seconds since it began (start-up included) less the time spent in
@@ -442,32 +443,6 @@ def run_trl(steps: int, eval_every: int, seed: int, problems: list[dict]) -> Sid
 # ---------------------------------------------------------------- forge_lite
 
 
-class _Gated:
-    """A component handle whose ``endpoint`` waits for ``gate`` before every call
-    (``call_one``, ``route``, ...); everything else passes through."""
-
-    def __init__(self, handle, endpoint: str, gate: asyncio.Event):
-        self._handle, self._endpoint, self._gate = handle, endpoint, gate
-
-    def __getattr__(self, name):
-        value = getattr(self._handle, name)
-        return _GatedEndpoint(value, self._gate) if name == self._endpoint else value
-
-
-class _GatedEndpoint:
-    def __init__(self, endpoint, gate: asyncio.Event):
-        self._endpoint, self._gate = endpoint, gate
-
-    def __getattr__(self, name):
-        method = getattr(self._endpoint, name)
-
-        async def gated(*args, **kwargs):
-            await self._gate.wait()
-            return await method(*args, **kwargs)
-
-        return gated
-
-
 def forge_lite_config(steps: int, output_dir: Path):
     return load_config(CONFIG, [
         f"steps={steps}", f"eval_samples={HELD_OUT}", f"output_dir={output_dir}", "progress=false",
@@ -477,12 +452,10 @@ def forge_lite_config(steps: int, output_dir: Path):
 async def run_forge_lite(steps: int, eval_every: int, seed: int, problems: list[dict]) -> SideRun:
     """``configs/grpo_tiny.yaml`` through ``GRPORun``, evaluated every ``eval_every`` steps.
 
-    GRPORun has no periodic evaluation, so the benchmark adds one from
-    outside: a recorder listener, on every ``eval_every``-th step, closes a
-    gate in front of the dataloader's and the replay buffer's ``sample`` (no
-    new rollout starts, the training loop waits for its next batch), runs
-    ``GRPORun.evaluate`` on the policy service, which then serves the
-    weights of that step, and opens the gate again.
+    ``GRPORun(evaluate_every=...)`` evaluates on the policy service, which
+    then serves the weights of that step, while no new rollout starts and
+    the training loop waits; its ``on_evaluation`` callback, called as each
+    evaluation ends, takes the evaluation's seconds off this side's clock.
     """
     from forge_lite.grpo import GRPORun, MetricsRecorder
     from forge_lite.grpo.recorder import StepRecord
@@ -495,13 +468,26 @@ async def run_forge_lite(steps: int, eval_every: int, seed: int, problems: list[
         "config": str(CONFIG.relative_to(ROOT)), "threads_per_process": config.threads_per_process,
         "seed": "none (forge_lite's config has no seed)",
     })
-    recorder = MetricsRecorder()
-    run = GRPORun(config, recorder)
-    gate = asyncio.Event()
-    gate.set()
-    pending: list[asyncio.Task] = []
     clock = Clock()
-    originals = {}
+
+    def on_evaluation(evaluation) -> None:
+        # Called as the evaluation ends: it began evaluation.seconds ago.
+        at = clock.now() - evaluation.seconds
+        clock.pause(evaluation.seconds)
+        result.evals.append({"step": evaluation.step, "clock_s": at, "accuracy": evaluation.accuracy,
+                             "eval_s": evaluation.seconds})
+        print(f"forge_lite: step {evaluation.step:4d}  clock {at:7.1f} s  held-out greedy accuracy "
+              f"{evaluation.accuracy:.3f}", flush=True)
+        if evaluation.step == 0:
+            check_before("forge_lite", evaluation.accuracy, len(problems))
+
+    def on_record(record) -> None:
+        if isinstance(record, StepRecord):
+            result.step_clock_s.append(clock.now())
+            result.rewards.append(record.reward_mean)
+
+    recorder = MetricsRecorder()
+    run = GRPORun(config, recorder, evaluate_every=eval_every, on_evaluation=on_evaluation)
     try:
         await run.start()
         result.startup_s = clock.now()
@@ -509,58 +495,14 @@ async def run_forge_lite(steps: int, eval_every: int, seed: int, problems: list[
         served = [{"request": p["request"], "target": p["target"]} for p in run.eval_problems]
         if served != problems:
             raise AssertionError("forge_lite's held-out problems are not the benchmark's (TRL's)")
-
-        plain_evaluate = run.evaluate
-
-        async def timed_evaluate():
-            step = len(recorder.steps)
-            at, started = clock.now(), time.perf_counter()
-            accuracy = await plain_evaluate()
-            seconds = time.perf_counter() - started
-            clock.pause(seconds)
-            result.evals.append({"step": step, "clock_s": at, "accuracy": accuracy, "eval_s": seconds})
-            print(f"forge_lite: step {step:4d}  clock {at:7.1f} s  held-out greedy accuracy {accuracy:.3f}",
-                  flush=True)
-            if step == 0:
-                check_before("forge_lite", accuracy, len(problems))
-            return accuracy
-
-        async def evaluate_then_open():
-            try:
-                await timed_evaluate()
-            finally:
-                gate.set()
-
-        def on_record(record) -> None:
-            if not isinstance(record, StepRecord):
-                return
-            result.step_clock_s.append(clock.now())
-            result.rewards.append(record.reward_mean)
-            done = record.step + 1
-            if done % eval_every == 0 and done < steps:  # train() itself evaluates after the last
-                gate.clear()
-                pending.append(asyncio.ensure_future(evaluate_then_open()))
-
-        run.evaluate = timed_evaluate  # train() evaluates before and after through it
-        services = run.services
-        for name in ("dataloader", "replay_buffer"):
-            originals[name] = getattr(services, name)
-            setattr(services, name, _Gated(originals[name], "sample", gate))
         recorder.subscribe(on_record, replay=False)
         await run.train()
-        for task in pending:
-            task.result()  # raises an evaluation's error
         skipped = sum(r.skipped_groups for r in recorder.steps)
         ages = [a for r in recorder.steps for a in r.episode_ages]
         result.notes["skipped_groups"] = skipped
         result.notes["uniform_group_share_mean"] = skipped / (skipped + PROMPTS_PER_STEP * len(recorder.steps))
         result.notes["episode_age_mean"] = sum(ages) / len(ages) if ages else None
     finally:
-        for task in pending:
-            task.cancel()
-        if run.services is not None:
-            for name, handle in originals.items():
-                setattr(run.services, name, handle)
         await run.shutdown()
     return result
 

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 SHORT_RUNS = {
     "grpo": (["steps=2", "eval_samples=0"], "grpo/numbers.json"),
     "grpo_step_bound": (["--rounds", "1"], "grpo_step_bound.json"),
-    "grpo_vs_trl": (["--steps", "2", "--eval-every", "2"], "grpo_vs_trl.json"),
+    "grpo_vs_trl": (["--steps", "4", "--eval-every", "2"], "grpo_vs_trl.json"),
     "hosts": (["--warmup", "2", "--sequential", "10", "--rounds", "1", "--callers", "4",
                "--calls-per-caller", "2", "--throughput-rounds", "1", "--loss-callers", "4"], "hosts.json"),
     "multiturn": (["--part", "cache", "--tasks", "retry", "steps=1"], "multiturn.json"),
@@ -67,6 +67,8 @@ def checks(name: str, numbers: dict) -> None:
         assert numbers["pipelined_bound_steps_per_min"] > 0 and numbers["generate_tokens_per_s_1_thread"] > 0
     elif name == "grpo_vs_trl":
         assert sorted(run["side"] for run in numbers["runs"]) == ["forge_lite", "trl"]
+        # Both sides evaluated before, every 2 steps (GRPORun's evaluate_every) and after.
+        assert [[e["step"] for e in run["evals"]] for run in numbers["runs"]] == [[0, 2, 4]] * 2
     elif name == "hosts":
         assert numbers["overhead"] and numbers["losses"]
     elif name == "multiturn":

@@ -13,6 +13,12 @@ A run with ``checkpoint_every: N`` saves a checkpoint every N steps, and
 (``forge_lite.grpo.checkpoint`` says what a checkpoint holds)::
 
     result = await run_grpo(resume="runs/grpo")
+
+``GRPORun(..., evaluate_every=N, on_evaluation=callback)`` also measures the
+held-out accuracy every N steps while it trains, the rollouts and the
+training loop waiting meanwhile (``HeldoutEvaluation`` is what the callback
+gets); ``benchmarks/grpo_vs_trl.py`` runs it so, and leaves those seconds
+out of its clock.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -40,6 +47,15 @@ from forge_lite.grpo.recorder import MetricsRecorder, StepRecord
 from forge_lite.grpo.results import GRPOResult, shown, write_outputs
 from forge_lite.grpo.services import Services, check_placement, shutdown_all, start_services
 from forge_lite.paths import private_temp_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldoutEvaluation:
+    """One held-out evaluation of ``GRPORun.train()`` (``GRPORun.evaluations``)."""
+
+    step: int  # training steps taken before it: 0 (or a resumed run's first step) before training
+    accuracy: float  # greedy accuracy on the held-out problems (multi-turn: success rate)
+    seconds: float  # its wall time; the rollouts and the training loop waited meanwhile
 
 
 class GRPORun:
@@ -61,13 +77,26 @@ class GRPORun:
         that cannot change mid-run (``checkpoint.FIXED_ON_RESUME``) is a
         ValueError naming the key and both values. Without a complete
         checkpoint in it, FileNotFoundError or ValueError, naming it.
+    evaluate_every:
+        Also measure the held-out accuracy after every N-th training step
+        (besides before and after training). Meanwhile no new round of
+        rollouts starts (the groups already generating finish) and the
+        training loop waits, so the evaluation sees the weights of that
+        step. None: only before and after. ValueError if it is not a
+        positive int, or the config has ``eval_samples: 0``.
+    on_evaluation:
+        Called with a ``HeldoutEvaluation`` after each held-out evaluation
+        (before, every ``evaluate_every`` steps, after), on the event loop,
+        with the training paused; an exception it raises stops ``train()``
+        (with the rollouts) and is raised there. TypeError if not callable.
 
     Notes
     -----
     ``start()`` starts every service (its log line says how long that took;
     ``benchmarks/grpo_vs_trl.py`` measures it beside TRL's start-up) and
     stops them all again if one fails; ``train()`` runs
-    ``config.steps`` steps between two held-out evaluations; ``shutdown()``
+    ``config.steps`` steps between two held-out evaluations (and one every
+    ``evaluate_every`` steps); ``shutdown()``
     stops every process and deletes the run's weights (also after an
     error). ``run_grpo`` does all three in one call.
 
@@ -77,6 +106,9 @@ class GRPORun:
     resumed config) and
     ``train()`` runs steps ``start_step`` to ``config.steps - 1``.
     ``save_checkpoint()`` saves one by hand, after ``train()``.
+
+    ``evaluations`` lists every held-out evaluation ``train()`` made
+    (``HeldoutEvaluation``: step, accuracy, seconds), oldest first.
 
     Example
     -------
@@ -93,7 +125,9 @@ class GRPORun:
 
     def __init__(self, config: GRPOConfig | dict | str | None = None,
                  recorder: MetricsRecorder | None = None,
-                 resume: str | os.PathLike | None = None) -> None:
+                 resume: str | os.PathLike | None = None, *,
+                 evaluate_every: int | None = None,
+                 on_evaluation: Callable[[HeldoutEvaluation], None] | None = None) -> None:
         self.resume_from: Path | None = None  # the checkpoint this run continues
         self.start_step = 0  # the first step train() takes
         if resume is None:
@@ -105,6 +139,17 @@ class GRPORun:
                 self.resume_from, None if config is None else as_config(config)
             )
             self.start_step = checkpoint.read_manifest(self.resume_from)["step"]
+        if evaluate_every is not None and (
+                isinstance(evaluate_every, bool) or not isinstance(evaluate_every, int) or evaluate_every < 1):
+            raise ValueError(f"evaluate_every must be a positive int (steps) or None, got {evaluate_every!r}")
+        if evaluate_every is not None and self.config.eval_samples == 0:
+            raise ValueError(f"evaluate_every={evaluate_every} needs held-out problems, "
+                             "but the config has eval_samples: 0")
+        if on_evaluation is not None and not callable(on_evaluation):
+            raise TypeError(f"on_evaluation must be callable, got {type(on_evaluation).__name__}")
+        self.evaluate_every = evaluate_every
+        self.on_evaluation = on_evaluation
+        self.evaluations: list[HeldoutEvaluation] = []  # every held-out evaluation train() made
         self.recorder = MetricsRecorder() if recorder is None else recorder
         self.services: Services | None = None
         self.store: WeightStore | ActorWeightStore | None = None
@@ -212,13 +257,13 @@ class GRPORun:
             accuracy_before = status.heldout_before  # continued after an interrupt: measured then
         else:
             self.recorder.record_status(total_steps=config.steps, state="evaluating")
-            accuracy_before = await self.evaluate()
+            accuracy_before = await self._heldout(self.start_step)
         if accuracy_before is not None:
             print(f"GRPO: held-out greedy accuracy before training: {accuracy_before:.3f}", flush=True)
         self.recorder.record_status(total_steps=config.steps, state="training", heldout_before=accuracy_before)
         interrupted = False
         began = time.perf_counter()
-        window = RolloutWindow()
+        window = PausableWindow()
         window.in_buffer = await self.services.replay_buffer.numel.call_one()  # resumed: not empty
         recorded_before = len(self.recorder.steps)
         self._rollouts = [
@@ -229,8 +274,7 @@ class GRPORun:
                   dynamic_ncols=True, disable=not show_progress(config.progress)) as bar:
             unsubscribe = self.recorder.subscribe(progress_listener(bar), replay=False)
             try:
-                await train_loop(self.services, config, self.recorder, window, self._rollouts,
-                                 self.store, start_step=self.start_step)
+                await self._train_steps(window)
             except asyncio.CancelledError:
                 if len(self.recorder.steps) == recorded_before:  # no step taken: nothing to keep
                     self.recorder.record_status(state="interrupted")
@@ -247,7 +291,7 @@ class GRPORun:
             accuracy_after = None
         else:
             self.recorder.record_status(state="evaluating")
-            accuracy_after = await self.evaluate()
+            accuracy_after = await self._heldout(config.steps)
             self.recorder.record_status(state="finished", heldout_after=accuracy_after)
 
         result = GRPOResult(
@@ -267,6 +311,47 @@ class GRPORun:
                   f"`result = await run.train()`. To stop every process: `await run.shutdown()`.",
                   flush=True)
         return result
+
+    async def _train_steps(self, window: PausableWindow) -> None:
+        """The training loop from ``start_step`` to ``config.steps``, stopping
+        for a held-out evaluation every ``evaluate_every`` steps."""
+        config, step = self.config, self.start_step
+        if self.evaluate_every is None:
+            await train_loop(self.services, config, self.recorder, window, self._rollouts,
+                             self.store, start_step=step)
+            return
+        # train_loop trains until config.steps: a copy of the config that ends
+        # at the next stop trains one stretch. Checkpoints are saved here, with
+        # the run's own config (a checkpoint keeps the config it resumes with).
+        every, saves = self.evaluate_every, config.checkpoint_every
+        stops = [s for s in range(step + 1, config.steps + 1)
+                 if s % every == 0 or (saves and s % saves == 0) or s == config.steps]
+        for stop in stops:
+            stretch = dataclasses.replace(config, steps=stop, checkpoint_every=None)
+            await train_loop(self.services, stretch, self.recorder, window, self._rollouts,
+                             self.store, start_step=step)
+            step = stop
+            await checkpoint.save_if_due(self.services, config, self.recorder, step, policy_version=step)
+            if step % every == 0 and step < config.steps:  # train() evaluates after the last step
+                window.pause()
+                try:
+                    self.recorder.record_status(state="evaluating")
+                    await self._heldout(step)
+                    self.recorder.record_status(state="training")
+                finally:
+                    window.resume()
+
+    async def _heldout(self, step: int) -> float | None:
+        """``evaluate()``, timed, kept in ``evaluations`` and given to ``on_evaluation``."""
+        began = time.perf_counter()
+        accuracy = await self.evaluate()
+        if accuracy is None:
+            return None
+        evaluation = HeldoutEvaluation(step, accuracy, time.perf_counter() - began)
+        self.evaluations.append(evaluation)
+        if self.on_evaluation is not None:
+            self.on_evaluation(evaluation)
+        return accuracy
 
     async def save_checkpoint(self) -> Path:
         """Save a checkpoint of the run now, between ``train()`` and ``shutdown()``
@@ -337,6 +422,30 @@ async def run_grpo(
     finally:
         await run.shutdown()
     return result
+
+
+class PausableWindow(RolloutWindow):
+    """A ``RolloutWindow`` whose rollout loops can be held: each round of
+    groups starts in ``room()``, which waits while the window is paused
+    (a round already generating finishes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._running = asyncio.Event()
+        self._running.set()
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    async def room(self, batch_size: int) -> None:
+        while True:
+            await self._running.wait()
+            await super().room(batch_size)
+            if self._running.is_set():  # not paused while it waited for room
+                return
 
 
 def progress_listener(bar: tqdm):
