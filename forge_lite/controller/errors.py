@@ -27,6 +27,10 @@ import traceback
 import cloudpickle
 
 
+class ClusterError(RuntimeError):
+    """The cluster could not be attached, or cannot hold what was asked of it."""
+
+
 class RemoteError(Exception):
     """An endpoint's exception that could not be rebuilt on the caller's side.
 
