@@ -99,7 +99,7 @@ c.Spawner.environment = {
 }
 c.Spawner.notebook_dir = "~"  # the learner's home: ~/forge_lite/notebooks and ../configs both in reach
 c.Spawner.default_url = "/lab/tree/forge_lite/notebooks"
-# A server starts in ~10 s on an idle node, but 30 learners logging in at 9:00
+# A server starts in seconds on an idle node, but 30 learners logging in at 9:00
 # on a few cores take longer than JupyterHub's default 10 s (http) / 60 s (start).
 c.Spawner.http_timeout = 120
 c.Spawner.start_timeout = 180

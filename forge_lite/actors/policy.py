@@ -88,7 +88,8 @@ class Policy(ForgeActor):
 
     # The engine batches whatever is in flight, so one replica should have many
     # requests in flight: with the service default of 10, 64 concurrent prompts
-    # ran as batches of 10 (0.23-0.29x the engine's own throughput, measured).
+    # ran as batches of 10, far below the engine's own throughput
+    # (benchmarks/policy.py, part a, compares the service with the engine).
     service_config = ServiceConfig(max_concurrent_requests=64)
 
     def __init__(
@@ -215,8 +216,8 @@ class Policy(ForgeActor):
         admit them as they come, until none came for BATCH_GAP_S (a lone
         request pays that) or BATCH_MAX_WAIT_S passed.
 
-        Admitting (tokenizing) takes 0.25-0.4 ms a prompt (measured); doing it
-        while the rest of the burst arrives, instead of after, overlaps the two."""
+        Admitting (tokenizing) a prompt takes a moment; doing it while the
+        rest of the burst arrives, instead of after, overlaps the two."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + BATCH_MAX_WAIT_S
         while self._queue and not self._weight_updates and loop.time() < deadline:
@@ -245,9 +246,9 @@ class Policy(ForgeActor):
         """Engine steps until a request finishes or the loop has something new
         for the engine (a request or a weight update).
 
-        Runs in the worker thread. Coming back to the event loop after every
-        step cost about 0.6 ms per step on 2 busy cores (measured), 4% of a
-        64-prompt batch. Reading the two lists from this thread is safe: the
+        Runs in the worker thread: coming back to the event loop after every
+        step would cost a few percent of a 64-prompt batch's time on 2 busy
+        cores. Reading the two lists from this thread is safe: the
         event loop only appends to them while a step runs.
         """
         while True:

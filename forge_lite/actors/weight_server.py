@@ -67,7 +67,8 @@ HOLDER_TIMEOUT_S = 30.0
 
 def fetch_timeout_s(nbytes: int) -> float:
     """Seconds allowed for fetching ``nbytes`` from a holder: 60 s plus 5 MB/s,
-    about 50 times the rate measured between two hosts here. Only a holder
+    far slower than the rate benchmarks/weights.py measures between two
+    hosts. Only a holder
     that died mid-transfer runs into it (Monarch would wait forever)."""
     return 60.0 + nbytes / 5e6
 

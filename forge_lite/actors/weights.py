@@ -15,13 +15,9 @@ A file appears under its final name only when it is complete: it is written
 to a hidden temporary name in the same directory and renamed, and a rename is
 atomic, so a reader sees the whole version or nothing.
 
-Measured on this project's 2-core CPU machine (float32 tensors, page cache warm,
-get timed until every tensor was read once):
-    state dict   put      get
-    5 MB         0.005 s  0.01 s
-    500 MB       1.3 s    0.05 s
 `put` is bounded by writing the file; `get` maps the file, so reading it back
-from the page cache is cheap.
+from the page cache is cheap (benchmarks/weights.py times a version's whole
+trip through this folder to the policy replicas).
 
 This store needs one filesystem under every process. Across hosts, use
 `forge_lite.actors.weight_server.ActorWeightStore`, whose versions travel as

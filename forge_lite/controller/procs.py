@@ -29,7 +29,7 @@ from forge_lite.controller import runtime
 
 log = logging.getLogger("forge_lite")
 
-# Stopping a healthy 1-process mesh takes about 0.5 s; a mesh with a dead
+# Stopping a healthy 1-process mesh takes well under a second; a mesh with a dead
 # process can hang in Monarch's log flush. Past this we kill what is left.
 STOP_TIMEOUT_S = 10.0
 
@@ -234,9 +234,9 @@ async def spawn_processes(
     # The caller's torch threads per process (a GRPO run's threads_per_process
     # sets it). A process here inherits it anyway; one on another host gets
     # its worker's environment instead, and with torch's default (a thread
-    # per core) its threads spin-wait for cores the others hold. Measured on
-    # 2 cores, the tiny GRPO config across two namespace hosts: 15 steps/min
-    # without this line, 138 with it (the trainer's step 3.2 s -> 0.3 s).
+    # per core) its threads spin-wait for cores the others hold: on 2 cores,
+    # the tiny GRPO config across two namespace hosts ran about ten times
+    # slower without this line, the trainer's step most of all.
     if "OMP_NUM_THREADS" in os.environ:
         quiet["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
 

@@ -10,7 +10,7 @@ two loops themselves are ``forge_lite.grpo.loop``); ``compare(runs)`` puts
 finished runs side by side (``forge_lite.grpo.comparison``).
 
 Names are imported on first use: a RewardActor replica then loads only the
-reward code, not torch (about 3 s per process on a laptop core).
+reward code, not torch (seconds of CPU per process).
 """
 
 import importlib

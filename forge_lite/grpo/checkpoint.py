@@ -44,8 +44,7 @@ kept are a few steps apart); without one, the error stops the resume. A
 checkpoint saved by forge_lite before digests were recorded (format 1) is
 still read: its files' sizes are checked, not their bytes, and loading it
 says so; a file of it that cannot be parsed is the same ValueError. Checking
-costs one read of every file: 0.03-0.06 s for the tiny config's 10.4 MB
-(measured on 2 busy cores).
+costs one read of every file.
 
 ``resume=DIR`` takes a run's output_dir, its ``checkpoints/`` folder (the
 complete checkpoint saved last, which after a crash is where the run
@@ -79,10 +78,10 @@ train at 0. The step count, the dataset position, the buffer and the curves
 are the checkpoint's; the buffer's batch size and age limit, the schedule
 and the steps left are the config's.
 
-Measured for the tiny config (the shipped 3.4 MB model, AdamW) on 2 shared
-cores: a checkpoint is 10.4 MB (trainer.pt; the rest is tens of kB); saving
-one took 0.06-0.07 s, about half a training step, while the rollouts went
-on; reading and restoring it 0.09 s. The trainer's state travels to the
+For the tiny config a checkpoint is about three times the model's size
+(trainer.pt: the weights and Adam's two moments; the rest is tens of kB),
+saved while the rollouts go on; a resumed run prints how long reading and
+restoring it took. The trainer's state travels to the
 controller as one message: fine for small models, while a 1.7B model's
 (about 20 GB with Adam's moments) would want the trainer to write its own
 files.

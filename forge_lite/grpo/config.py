@@ -173,8 +173,8 @@ class ReferenceConfig:
     # Responses of each group the reference model scores. The KL penalty
     # (trainer.beta > 0) needs every one: None. With beta 0 the reference
     # logprobs only feed the reported KL, and one response per group
-    # estimates it for 1/group_size of the work (measured on 2 cores, the
-    # reference took 0.35 s of a 1.2 s step when it scored every response).
+    # estimates it for 1/group_size of the work (benchmarks/grpo.py's phase
+    # split shows the reference's share of a step).
     kl_samples: int | None = None
 
 
@@ -249,12 +249,11 @@ class GRPOConfig:
     # current one are dropped unused; 0 is strictly on-policy.
     max_policy_age: int = 1
     num_rollout_tasks: int = 2  # concurrent rollout loops
-    # Groups each rollout loop generates at once: their generate calls reach
-    # the policy together, and the transformers engine, which runs whole
-    # batches, decodes them in one batch: on the shipped model a group of 8
-    # responses took 20 ms of engine time alone, 14 ms in a batch of four
-    # groups or more (1 thread, measured). Prompts in flight:
-    # num_rollout_tasks times this.
+    # Groups each rollout loop keeps in flight at once: their generate calls
+    # reach the policy together, so an idle replica prefills them together,
+    # and the engine decodes every request in flight in one batch (both
+    # engines batch continuously). Prompts in flight: num_rollout_tasks
+    # times this.
     prompts_per_rollout: int = 1
     # Leave out of the buffer a group whose responses all got the same reward:
     # its advantages are all 0, so with beta = 0 it teaches nothing (with
@@ -270,8 +269,8 @@ class GRPOConfig:
     progress: bool | None = None  # tqdm bar; None: only when stderr is a terminal
     # torch's CPU threads in each actor process (OMP_NUM_THREADS); None: torch's
     # default, one per core. A run has about eight processes, and on a few
-    # cores their threads spin-wait for cores the others hold: measured on
-    # 2 cores, 1 thread per process made a step 8x faster than the default.
+    # cores their threads spin-wait for cores the others hold: on 2 cores,
+    # 1 thread per process made a step several times faster than the default.
     threads_per_process: int | None = 1
     # How the trainer's weights reach the policy replicas: "files" (a folder
     # every process reads; one host), "actor" (versions in the trainer's

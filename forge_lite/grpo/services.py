@@ -178,9 +178,9 @@ async def start_services(
 async def shutdown_all(handles) -> None:
     """Stop actors and services alike (``ForgeActor.shutdown`` takes either).
 
-    One after another: measured on 2 cores, the seven components of a run stop
-    in about 8 s in turn, while stopping them all at once ran into the 10 s
-    stop timeout, after which their processes are killed instead.
+    One after another: on 2 cores, stopping the seven components of a run
+    all at once ran into the stop timeout (``STOP_TIMEOUT_S``), after which
+    their processes are killed instead; in turn, each stops cleanly.
     """
     for handle in handles:
         if handle is None:

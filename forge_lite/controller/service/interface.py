@@ -175,7 +175,7 @@ class ServiceInterface:
     async def kill_host(self, index: int) -> None:
         """SIGKILL host ``index`` of the cluster (its worker and every process
         on it), as a machine losing power would; returns once the service has
-        noticed (its probe missed: about 2 s). Every replica there is FAILED,
+        noticed (its probe missed; benchmarks/hosts.py measures how soon). Every replica there is FAILED,
         its requests retried on other hosts, and it respawns on a host that
         is up. Raises ValueError when the cluster is this machine alone and
         IndexError for a host that does not exist."""
