@@ -192,7 +192,7 @@ async def check_prefix_routing_across_hosts(hosts, cluster):
 
 
 async def check_the_dashboard_groups_replicas_by_host_and_kills_one(hosts, cluster):
-    from widgets import ServiceDashboard
+    from forge_lite.widgets import ServiceDashboard
 
     svc = await start(cluster, Where.options(num_replicas=3))
     dash = ServiceDashboard(svc)

@@ -132,7 +132,6 @@ def lab(tmp_path_factory):
     (root / "notebooks").mkdir()
     for name in ("01_rl_fundamentals.ipynb", "02_services.ipynb", "04_grpo_end_to_end.ipynb"):
         shutil.copy(ROOT / "notebooks" / name, root / "notebooks" / name)
-    shutil.copy(ROOT / "notebooks" / "widgets.py", root / "notebooks" / "widgets.py")  # their `from widgets import`
     for linked in ("configs", "docs"):
         (root / linked).symlink_to(ROOT / linked)
     server = Lab(root)
