@@ -3,7 +3,8 @@
 Every import in the package's source counts, the ones inside functions too
 (a lazy import is still a dependency). A package is a module's folder:
 ``forge_lite.controller.service``, ``forge_lite.actors``, ``forge_lite.grpo``...
-Also: the controller layer knows nothing about RL.
+Also: the controller layer knows nothing about RL, and a file holds one
+idea: none is over 500 lines unless its module docstring says why.
 """
 
 import ast
@@ -120,6 +121,27 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_controller_layer_knows_nothing_about_rl():
     graph = package_graph()
-    for package in ("forge_lite.controller", "forge_lite.controller.service"):
+    for package in ("forge_lite.controller", "forge_lite.controller.service", "forge_lite.controller.cluster"):
         rl = graph[package] & {"forge_lite.actors", "forge_lite.grpo", "forge_lite.rl", "forge_lite.data"}
         assert not rl, f"{package} imports {sorted(rl)}"
+
+
+LONG = 500  # lines: past this a file usually holds more than one idea
+REASON = "Longer than 500 lines because"
+
+
+def test_no_file_is_over_500_lines_without_a_reason_at_its_top():
+    """A reader opens a file to learn one idea. A file past 500 lines is split
+    into one file per idea, or its module docstring has a line saying
+    "Longer than 500 lines because ..." (one idea that needs the room)."""
+    files = sorted(ROOT.glob("forge_lite/**/*.py"))
+    assert len(files) > 20, f"found only {len(files)} of the kit's files under {ROOT}"
+    unexplained = []
+    for path in files:
+        text = path.read_text()
+        lines = len(text.splitlines())
+        if lines > LONG and REASON not in (ast.get_docstring(ast.parse(text)) or ""):
+            unexplained.append(f"{path.relative_to(ROOT)} ({lines} lines)")
+    assert not unexplained, (
+        f"over {LONG} lines, with no '{REASON} ...' in the module docstring: " + ", ".join(unexplained)
+    )
