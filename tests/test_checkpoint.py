@@ -35,7 +35,7 @@ from forge_lite.actors.trainer import RLTrainer, TrainingConfig
 from forge_lite.assets import DEFAULT_MODEL
 from forge_lite.grpo import Episode, checkpoint
 from forge_lite.grpo.__main__ import main as cli_main
-from forge_lite.grpo.checkpoint import (
+from forge_lite.grpo.checkpoint_files import (
     find_checkpoint, load_checkpoint, read_manifest, verify_checkpoint, write_checkpoint,
 )
 from forge_lite.grpo.config import load_config

@@ -33,7 +33,8 @@ import sys
 
 import forge_lite  # before monarch
 from forge_lite.controller.cluster import ClusterError
-from forge_lite.grpo.checkpoint import find_checkpoint, resume_config
+from forge_lite.grpo.checkpoint import resume_config
+from forge_lite.grpo.checkpoint_files import find_checkpoint
 from forge_lite.grpo.config import load_config
 from forge_lite.grpo.run import run_grpo
 
