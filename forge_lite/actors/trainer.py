@@ -38,7 +38,7 @@ Configuration is the tutorial's three dicts:
 
     model={"name": "qwen3", "flavor": "1.7B", "hf_assets_path": "hf://Qwen/Qwen3-1.7B"}
     optimizer={"name": "AdamW", "lr": 1e-5}           # any torch.optim class, its kwargs
-    training={"local_batch_size": 2, "seq_len": 2048}  # see TrainingConfig
+    training={"local_batch_size": 2, "seq_len": 2048}  # see optimizer.TrainingConfig
 
 The controller's calls (``batch`` is what ``replay_buffer.sample`` returns):
 
@@ -56,12 +56,10 @@ The controller's calls (``batch`` is what ``replay_buffer.sample`` returns):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import math
 import os
 import socket
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -70,54 +68,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from forge_lite.actors.default_store import Publisher, is_default, with_default_weight_store
 from forge_lite.actors.hf_model import default_device, load_causal_lm, response_logits
+from forge_lite.actors.optimizer import TrainingConfig, build_optimizer
 from forge_lite.actors.weights import WeightStore
 from forge_lite.controller import ForgeActor
 from forge_lite.controller.actor import processes_of
 from forge_lite.rl.collate import drop_padding_columns
 from forge_lite.rl.loss import grpo_loss, token_logprobs
 from monarch.actor import current_rank, current_size, endpoint
-
-
-@dataclass
-class TrainingConfig:
-    """The tutorial's ``training`` dict."""
-
-    # Sequences per forward/backward pass. A larger batch is split into
-    # micro-batches of this size whose gradients add up to the full batch's,
-    # so it bounds memory, not the batch. None: the whole batch at once.
-    # With procs > 1 it applies to each rank's chunk.
-    local_batch_size: int | None = None
-    # Longest sequence (request_len + response_len) the trainer accepts.
-    seq_len: int = 2048
-    # Gradient norm clip; GRPO's advantages can be large for small groups.
-    max_norm: float = 1.0
-    dtype: str = "float32"
-    # Learning rate rises linearly to its value over this many steps: Adam's
-    # first updates move every weight by about lr whatever the gradient.
-    warmup_steps: int = 0
-    # Then, if set, the learning rate falls linearly to 0 at this step. On a
-    # noisy RL gradient a constant rate keeps the weights wandering once the
-    # reward has stopped climbing; a falling one lets them settle.
-    decay_steps: int | None = None
-    # torch's CPU threads in the trainer's process; None: the process's
-    # setting (OMP_NUM_THREADS). The trainer is the heaviest process of a
-    # GRPO run on CPU, so it may get more threads than the others.
-    num_threads: int | None = None
-
-    def lr_factor(self, step: int) -> float:
-        """The learning rate at optimizer step ``step`` (from 0), as a share of ``lr``."""
-        factor = min(1.0, (step + 1) / (self.warmup_steps + 1))
-        if self.decay_steps:
-            factor *= max(0.0, 1.0 - step / self.decay_steps)
-        return factor
-
-    @classmethod
-    def from_dict(cls, config: dict | None) -> TrainingConfig:
-        known = [field.name for field in dataclasses.fields(cls)]
-        unknown = sorted(set(config or {}) - set(known))
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known options: {known}")
-        return cls(**(config or {}))
 
 
 class RLTrainer(ForgeActor):
@@ -495,16 +452,6 @@ def _meeting_host(trainer) -> str:
         return "127.0.0.1"
     first = placement.hosts[0]
     return first.where.rpartition(":")[0] if first.address else first.facts["hostname"]
-
-
-def build_optimizer(parameters, config: dict) -> torch.optim.Optimizer:
-    """``{"name": "AdamW", "lr": 1e-5, ...}`` -> ``torch.optim.AdamW(parameters, lr=1e-5, ...)``."""
-    options = dict(config)
-    name = options.pop("name")
-    optimizer_class = getattr(torch.optim, name, None)
-    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
-        raise ValueError(f"optimizer name {name!r} is not a torch.optim optimizer (e.g. 'AdamW')")
-    return optimizer_class(parameters, **options)
 
 
 def check_dp_chunks(inputs: list[dict], targets: list[dict]) -> None:
