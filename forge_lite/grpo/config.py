@@ -9,28 +9,25 @@ the command line changes single values with dotted keys:
 
 Values are checked against the field types when the config is built, so a
 typo fails at once, naming the key and the keys that exist, instead of
-minutes later inside an actor. (A YAML trap handled here: PyYAML reads
-``1e-5`` as the *string* "1e-5", because YAML 1.1 floats need a dot; a float
-field converts it.)
+minutes later inside an actor (``forge_lite.grpo.config_yaml`` turns the
+YAML and the overrides into these dataclasses); the checks that span fields
+are ``GRPOConfig.__post_init__``'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
-
-from forge_lite.actors.trainer import TrainingConfig
+from forge_lite.actors.optimizer import TrainingConfig
 from forge_lite.actors.weight_server import WEIGHT_STORE_KINDS
 from forge_lite.controller.actor import host_names
 from forge_lite.controller.service.router import ROUTERS
 from forge_lite.data.rewards import REWARD_FUNCTIONS
 from forge_lite.envs.actor import ENVIRONMENTS
+from forge_lite.grpo.config_yaml import apply_override, build, read_yaml  # noqa: F401  (apply_override: as before)
 from forge_lite.rl.loss import DEFAULT_BETA, LOSS_TYPES, VARIANTS, variant_settings
 
 #: The reward functions a config can name.
@@ -84,7 +81,7 @@ class TrainerConfig:
     """The trainer actor: optimizer, loss and batching.
 
     ``max_norm``, ``local_batch_size``, ``warmup_steps`` and ``dtype`` become
-    the RLTrainer's ``training`` options (``forge_lite.actors.trainer.TrainingConfig``,
+    the RLTrainer's ``training`` options (``forge_lite.actors.optimizer.TrainingConfig``,
     which owns their meaning and defaults); the run adds ``seq_len`` and,
     with ``lr_decay``, ``decay_steps``.
     """
@@ -391,7 +388,7 @@ class GRPOConfig:
     @classmethod
     def from_dict(cls, values: dict | None) -> GRPOConfig:
         """Build from nested dicts (a parsed YAML file); missing keys keep their defaults."""
-        return _build(cls, values or {}, prefix="")
+        return build(cls, values or {})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -407,125 +404,10 @@ def load_config(
     to the file) reads that one first, and this file's keys replace its keys,
     section by section. Raises ValueError for a file that is not a mapping or
     a ``base`` chain that loops, FileNotFoundError for a missing file."""
-    values = _read_yaml(Path(path)) if path is not None else {}
+    values = read_yaml(path) if path is not None else {}
     for override in overrides:
         apply_override(values, override)
     return GRPOConfig.from_dict(values)
-
-
-def _read_yaml(path: Path, seen: tuple = ()) -> dict:
-    """The values of one config file, on top of its ``base`` file's, if any."""
-    if path.resolve() in seen:
-        raise ValueError(f"{path}: its base chain loops ({' -> '.join(map(str, seen))})")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: a GRPO config is a mapping of keys to values, got {type(values).__name__}")
-    base = values.pop("base", None)
-    if base is None:
-        return values
-    if not isinstance(base, str):
-        raise ValueError(f"{path}: base must be the path of another config file, got {base!r}")
-    return _merged(_read_yaml(path.parent / base, (*seen, path.resolve())), values)
-
-
-def _merged(base: dict, top: dict) -> dict:
-    """``base`` with ``top``'s keys replacing its own; sections merge key by key."""
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merged(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def apply_override(values: dict, override: str) -> None:
-    """Set ``"a.b=value"`` in the nested dict ``values``; the value is parsed as YAML."""
-    key, sep, raw = override.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"override {override!r} must look like key=value, e.g. trainer.lr=1e-5")
-    *parents, leaf = key.strip().split(".")
-    node = values
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"override {override!r}: {part!r} is a value, not a section")
-    node[leaf] = yaml.safe_load(raw) if raw.strip() else None
-
-
-# ---------------------------------------------------------------- building
-
-
-def _build(cls: type, values: dict, prefix: str):
-    if not isinstance(values, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(
-            f"unknown config key(s) {[prefix + k for k in unknown]}; "
-            f"{('keys of ' + prefix.rstrip('.')) if prefix else 'top-level keys'}: {known}"
-        )
-    kwargs = {}
-    for name, value in values.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, prefix + name + ".")
-        else:
-            kwargs[name] = _coerce(value, hint, prefix + name)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """``value`` as the field's type, or a ValueError naming the key."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    if value is None:
-        if type(None) in options:
-            return None
-        raise ValueError(f"{key} cannot be empty (null); give a value")
-    for option in options:
-        if option is type(None):
-            continue
-        converted = _convert(value, option)
-        if converted is not _FAILED:
-            return converted
-    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-    raise ValueError(f"{key} must be {names}, got {value!r}")
-
-
-_FAILED = object()
-
-
-def _convert(value: Any, kind: type) -> Any:
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        return _FAILED
-    if kind is int:
-        if isinstance(value, bool):
-            return _FAILED
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        return _FAILED
-    if kind is float:
-        if isinstance(value, bool):
-            return _FAILED
-        try:
-            return float(value)  # also "1e-5", which YAML leaves a string
-        except (TypeError, ValueError):
-            return _FAILED
-    if kind is str:
-        return value if isinstance(value, str) else _FAILED
-    origin = typing.get_origin(kind) or kind
-    if origin in (dict, list):
-        return value if isinstance(value, origin) else _FAILED
-    return _FAILED
-
 
 def _get(config: GRPOConfig, dotted: str) -> Any:
     value: Any = config
