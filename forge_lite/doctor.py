@@ -82,7 +82,7 @@ def _vllm(full: bool) -> Row:
 
 
 def _gpus() -> Row:
-    from forge_lite.controller.procs import visible_gpus
+    from forge_lite.controller.gpus import visible_gpus
 
     gpus = visible_gpus()
     if not gpus:

@@ -8,7 +8,7 @@ from conftest import count_children, wait_for_children, wait_for_exit
 from monarch.actor import Actor, endpoint
 
 from forge_lite.controller import ForgeActor
-from forge_lite.controller import procs as procs_module
+from forge_lite.controller import gpus as gpus_module
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -185,9 +185,9 @@ async def test_init_error_names_the_class_and_the_cause():
 
 @pytest.mark.slow  # the first with_gpus=True imports torch in this process (~4 s)
 async def test_with_gpus_on_a_cpu_machine_warns_once_and_runs(monkeypatch):
-    if procs_module.visible_gpus():
+    if gpus_module.visible_gpus():
         pytest.skip("this machine has GPUs")
-    monkeypatch.setattr(procs_module, "_warned_no_gpu", False)
+    monkeypatch.setattr(gpus_module, "_warned_no_gpu", False)
     on_gpus = Adder.options(procs=1, with_gpus=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -12,8 +12,8 @@ import pytest
 from monarch.actor import endpoint
 
 from forge_lite.controller import ForgeActor
-from forge_lite.controller import procs as _procs
-from forge_lite.controller.procs import pack_gpus
+from forge_lite.controller import gpus as _gpus
+from forge_lite.controller.gpus import pack_gpus
 from forge_lite.grpo.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,10 +64,16 @@ class Device(ForgeActor):
 
 @pytest.fixture
 def one_gpu(monkeypatch):
-    """This machine as a workshop server sees it: one GPU, id 0."""
-    monkeypatch.setattr(_procs, "visible_gpus", lambda: [0])
-    monkeypatch.setattr(_procs, "_gpu_load", {})
-    return _procs._gpu_load
+    """This machine as a workshop server sees it: one GPU, id 0. Told where
+    every caller of ``visible_gpus`` learns it (torch's device count), so the
+    service's fit check and the allocation both see it."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert _gpus.visible_gpus() == [0]
+    monkeypatch.setattr(_gpus, "_gpu_load", {})
+    return _gpus._gpu_load
 
 
 async def test_a_learners_processes_share_its_one_gpu(one_gpu):

@@ -30,6 +30,7 @@ from monarch._src.actor.concurrent import _ConcurrentEndpointProperty
 from monarch._src.actor.endpoint import EndpointProperty
 from monarch.actor import Actor, endpoint
 
+from forge_lite.controller import gpus as _gpus
 from forge_lite.controller import procs as _procs
 from forge_lite.controller.actor_handle import PortableMesh
 from forge_lite.controller.errors import portable
@@ -271,11 +272,11 @@ class ForgeActor(Actor):
             processes = await _procs.acquire_shared()
         elif cluster.is_local:
             cluster.check(cls.hosts or 1, f"{cls.__name__}.options(hosts={cls.hosts})")
-            gpus = _procs.reserve_gpus(cls.procs, f"{cls.__name__}", cls.gpu_share) if cls.with_gpus else None
+            gpus = _gpus.reserve_gpus(cls.procs, f"{cls.__name__}", cls.gpu_share) if cls.with_gpus else None
             try:
                 processes = await _procs.spawn_processes(cls.procs, name, gpus, gpu_share=cls.gpu_share)
             except BaseException:
-                _procs.release_gpus(gpus or [], cls.gpu_share)
+                _gpus.release_gpus(gpus or [], cls.gpu_share)
                 raise
         else:
             if cls.with_gpus and cls.gpu_share < 1:

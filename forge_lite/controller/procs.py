@@ -1,10 +1,12 @@
-"""Spawning and stopping the processes that actors live in, and GPU allocation.
+"""Spawning and stopping the processes that actors live in.
 
 Every ProcMesh the kit creates goes through here, so the kit always knows
 which processes it owns: it can stop them all when the caller exits (no
 orphans after a notebook kernel restarts), bound every stop with a timeout
-(Monarch's stop can hang on a mesh whose process died), and hand out GPUs so
-that each process of each replica gets its own.
+(Monarch's stop can hang on a mesh whose process died), and give back the
+GPUs each process was handed (``forge_lite.controller.gpus`` decides which;
+``forge_lite.controller.memory`` says whether a killed one hit the memory
+limit).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import logging
 import os
 import signal
 import sys
-import warnings
 from dataclasses import dataclass, field
 
 from monarch.actor import Actor, ProcMesh, endpoint, this_host
@@ -26,6 +27,9 @@ from monarch._src.actor.host_mesh import default_bootstrap_cmd
 _BOOTSTRAP_MAIN = "monarch._src.actor.bootstrap_main"
 
 from forge_lite.controller import runtime
+# Also this module's names, as before (gpus.py and memory.py were part of it).
+from forge_lite.controller.gpus import pack_gpus, release_gpus, reserve_gpus, visible_gpus  # noqa: F401
+from forge_lite.controller.memory import memory_limit_mb, memory_oom_kills, oom_killed  # noqa: F401
 
 log = logging.getLogger("forge_lite")
 
@@ -87,94 +91,6 @@ class Processes:
 
 
 _live: list[Processes] = []
-
-
-# ---------------------------------------------------------------- GPUs
-
-# GPU id -> the share of it the processes of this caller hold (1.0: all of it).
-_gpu_load: dict[int, float] = {}
-_warned_no_gpu = False
-# Shares are sums of floats like 0.35: compare them with this slack.
-_EPS = 1e-9
-
-
-def visible_gpus() -> list[int]:
-    """GPU ids this process may hand out (honours CUDA_VISIBLE_DEVICES)."""
-    try:
-        import torch
-
-        count = torch.cuda.device_count()
-    except Exception:
-        count = 0
-    ids = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if ids is not None:
-        listed = [int(i) for i in ids.split(",") if i.strip().isdigit()]
-        return listed[:count]
-    return list(range(count))
-
-
-def pack_gpus(count: int, share: float, visible: list[int], load: dict[int, float]) -> list[int] | None:
-    """Which of the ``visible`` GPUs ``count`` processes go to, each taking
-    ``share`` of one GPU, given the shares already taken (``load``); None
-    when they do not fit. Nothing is reserved: ``reserve_gpus`` does that.
-
-    A whole GPU (``share=1.0``) goes only to a process of its own. A share
-    below 1 goes to the fullest GPU it still fits on, so one learner's
-    policy, reference model and trainer pack onto the one GPU a workshop
-    gives them instead of spreading over every GPU they can see.
-    """
-    load = dict(load)
-    chosen = []
-    for _ in range(count):
-        fits = [g for g in visible if load.get(g, 0.0) + share <= 1.0 + _EPS]
-        if not fits:
-            return None
-        gpu = max(fits, key=lambda g: (load.get(g, 0.0), -visible.index(g)))
-        load[gpu] = load.get(gpu, 0.0) + share
-        chosen.append(gpu)
-    return chosen
-
-
-def reserve_gpus(count: int, what: str, share: float = 1.0) -> list[int] | None:
-    """Take ``share`` of a GPU for each of ``count`` processes (see
-    ``pack_gpus``), or return None on a machine without GPUs.
-
-    None means "run on CPU": tutorial code asks for GPUs everywhere, and on a
-    laptop it should still run, after one warning. Raises RuntimeError,
-    with the numbers, when they do not fit.
-    """
-    global _warned_no_gpu
-    gpus = visible_gpus()
-    if not gpus:
-        if not _warned_no_gpu:
-            warnings.warn(
-                f"{what} asked for GPUs (with_gpus=True) but this machine has none; "
-                "running on CPU instead.",
-                stacklevel=3,
-            )
-            _warned_no_gpu = True
-        return None
-    taken = pack_gpus(count, share, gpus, _gpu_load)
-    if taken is None:
-        held = ", ".join(f"GPU {g}: {_gpu_load.get(g, 0.0):.2f}" for g in gpus)
-        raise RuntimeError(
-            f"{what} needs {count} GPU(s)" + ("" if share == 1.0 else f" at a share of {share:g} each")
-            + f" but the machine's {len(gpus)} do not have that free (taken: {held}); "
-            "lower procs/num_replicas or gpu_share, or shut down another service."
-        )
-    for gpu in taken:
-        _gpu_load[gpu] = _gpu_load.get(gpu, 0.0) + share
-    return taken
-
-
-def release_gpus(gpus: list[int], share: float = 1.0) -> None:
-    """Give back what ``reserve_gpus(..., share)`` took for these GPUs."""
-    for gpu in gpus:
-        left = _gpu_load.get(gpu, 0.0) - share
-        if left > _EPS:
-            _gpu_load[gpu] = left
-        else:
-            _gpu_load.pop(gpu, None)
 
 
 # ---------------------------------------------------------------- spawn / stop
@@ -343,69 +259,6 @@ async def stop_processes(procs: Processes, timeout: float = STOP_TIMEOUT_S) -> N
             procs.placement.release()
         if procs in _live:
             _live.remove(procs)
-
-
-# ---------------------------------------------------------------- memory limit
-
-
-def _memory_cgroup() -> tuple[str, str] | None:
-    """This process's memory cgroup: ("v1" | "v2", its folder), or None."""
-    try:
-        with open("/proc/self/cgroup") as lines:
-            entries = [line.rstrip("\n").split(":", 2) for line in lines]
-    except OSError:
-        return None
-    for _, controllers, path in entries:
-        if "memory" in controllers.split(","):
-            return "v1", f"/sys/fs/cgroup/memory{path}"
-    for hierarchy, controllers, path in entries:
-        if hierarchy == "0" and controllers == "":
-            return "v2", f"/sys/fs/cgroup{path}"
-    return None
-
-
-def _read_memory_cgroup(v1_file: str, v2_file: str) -> str | None:
-    """The text of the caller's memory cgroup file (``v1_file`` under cgroup
-    v1, ``v2_file`` under v2); None without a cgroup or where it cannot be read."""
-    group = _memory_cgroup()
-    if group is None:
-        return None
-    version, folder = group
-    try:
-        with open(os.path.join(folder, v1_file if version == "v1" else v2_file)) as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def memory_oom_kills() -> int | None:
-    """How many processes the kernel's OOM killer has killed in the caller's
-    memory cgroup (a JupyterHub server's memory limit is one); None where
-    Linux does not say."""
-    text = _read_memory_cgroup("memory.oom_control", "memory.events")
-    for line in (text or "").splitlines():
-        key, _, value = line.partition(" ")
-        if key == "oom_kill" and value.strip().isdigit():
-            return int(value)
-    return None
-
-
-def memory_limit_mb() -> int | None:
-    """The caller's memory cgroup's limit in MB; None without one."""
-    text = _read_memory_cgroup("memory.limit_in_bytes", "memory.max")
-    try:
-        limit = int((text or "").strip())
-    except ValueError:  # "max" (v2): no limit; or no cgroup
-        return None
-    return None if limit >= 2**60 else limit // 2**20
-
-
-def oom_killed(procs: Processes) -> bool:
-    """Has the OOM killer killed a process of the caller's memory cgroup
-    since ``procs`` started? (For a process that died of SIGKILL: the likely
-    reason.)"""
-    now = memory_oom_kills()
-    return now is not None and procs.oom_kills_at_start is not None and now > procs.oom_kills_at_start
 
 
 # ---------------------------------------------------------------- light actors

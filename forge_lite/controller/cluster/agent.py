@@ -29,7 +29,7 @@ from forge_lite.controller.errors import ClusterError
 
 def host_facts() -> dict:
     """What this machine has, as the HostAgent reports it (also used for this host)."""
-    from forge_lite.controller.procs import visible_gpus
+    from forge_lite.controller.gpus import visible_gpus
 
     # Counting GPUs imports torch (seconds); without an NVIDIA driver there are none.
     gpus = visible_gpus() if os.path.exists("/proc/driver/nvidia") else []
