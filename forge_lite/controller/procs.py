@@ -73,7 +73,7 @@ class Processes:
     name: str
     pids: list[int]
     gpus: list[int] = field(default_factory=list)
-    gpu_share: float = 1.0  # of each of `gpus` (see pack_gpus)
+    gpu_share: float = 1.0  # of each of `gpus` (see gpus.pack_gpus)
     info: object = None  # the _ProcessInfo mesh: answers health probes
     stopped: bool = False
     # On a cluster (forge_lite.controller.cluster): where the mesh runs, and
@@ -115,7 +115,7 @@ async def spawn_processes(
         count: processes per host.
         name: the mesh's name (Monarch adds a random suffix).
         gpus: on this machine, process ``i`` sees only ``gpus[i]`` (as its cuda:0).
-        gpu_share: the share of its GPU each process was given (``reserve_gpus``),
+        gpu_share: the share of its GPU each process was given (``gpus.reserve_gpus``),
             given back when the processes stop.
         env: added to every process's environment (e.g. the replica index).
         placement: a cluster ``Placement``: start on its hosts, each process
