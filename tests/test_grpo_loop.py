@@ -31,7 +31,8 @@ from forge_lite.data.rewards import MathReward, ThinkingReward
 from forge_lite.grpo import ComputeAdvantages, DatasetActor, Episode, Group, RewardActor
 from forge_lite.grpo.__main__ import main as cli_main
 from forge_lite.grpo.config import GRPOConfig, load_config
-from forge_lite.grpo.loop import MAX_UNIFORM_IN_A_ROW, RolloutWindow, rollout_group
+from forge_lite.grpo.loop import rollout_group
+from forge_lite.grpo.rollout import MAX_UNIFORM_IN_A_ROW, RolloutWindow
 from forge_lite.grpo.run import GRPORun, run_grpo
 from forge_lite.grpo.services import Services
 from forge_lite.grpo.recorder import MetricsRecorder

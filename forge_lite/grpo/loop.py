@@ -7,8 +7,9 @@ the controller's event loop:
   problem, samples a group of responses from the policy service, scores them
   (reward service) while the reference service computes its logprobs, turns
   the rewards into advantages and adds the episodes to the replay buffer;
-  ``prompts_per_rollout`` such groups at a time, so that their generations
-  run as one batch.
+  ``prompts_per_rollout`` such groups at a time. A group's last steps are
+  ``forge_lite.grpo.rollout.finish_group``, which the multi-turn rollout
+  shares.
 - one training loop (``train_loop``). It samples a batch from the buffer,
   takes an optimizer step, publishes the weights as the next version and has
   every policy replica load them (``fanout``).
@@ -30,7 +31,8 @@ response), averaged per response and then over the batch; the trainer's
 ``train_step`` returns the loss and the clip fraction. The zero-std fraction
 is the share of the groups scored since the previous step whose rewards were
 all equal. Throughput and the time split describe
-what the rollout tasks did since the previous step; their phases run
+what the rollout tasks did since the previous step (their
+``RolloutWindow``, in ``forge_lite.grpo.rollout``); their phases run
 concurrently, so they can add up to more than the step's wall time.
 
 Starting and stopping the services is ``forge_lite.grpo.services``; a whole
@@ -40,12 +42,7 @@ run (``GRPORun``, ``run_grpo``) is ``forge_lite.grpo.run``.
 from __future__ import annotations
 
 import asyncio
-import copy
-import time
-from collections import defaultdict
-from typing import Awaitable, TypeVar
-
-import torch
+from typing import Awaitable
 
 from forge_lite.actors.weights import WeightStore
 from forge_lite.controller.service import FanoutError
@@ -56,25 +53,9 @@ from forge_lite.grpo.config import GRPOConfig
 from forge_lite.rl.episode import Episode, Group
 from forge_lite.grpo.evaluation import is_correct
 from forge_lite.grpo.multiturn import rollout_env_group
-from forge_lite.rl.loss import response_kl
 from forge_lite.grpo.recorder import PHASES, MetricsRecorder
+from forge_lite.grpo.rollout import RolloutWindow, finish_group, reference_logprobs, timed
 from forge_lite.grpo.services import Services
-
-# With skip_uniform_groups, this many skipped groups in a row means the reward
-# cannot tell responses apart (the thinking reward on a model that always
-# thinks, say): the buffer would never fill and the trainer would wait forever.
-MAX_UNIFORM_IN_A_ROW = 100
-
-T = TypeVar("T")
-
-
-async def timed(seconds: dict[str, float], phase: str, awaitable: Awaitable[T]) -> T:
-    """Await ``awaitable``, adding the seconds it took to ``seconds[phase]``."""
-    started = time.perf_counter()
-    try:
-        return await awaitable
-    finally:
-        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - started
 
 
 # ---------------------------------------------------------------- rollouts
@@ -86,11 +67,18 @@ async def rollout_loop(s: Services, config: GRPOConfig, pad_id: int, window: Rol
     batch (see ``RolloutWindow.room``). With ``config.env.name`` set, each
     group is a multi-turn one (``forge_lite.grpo.multiturn.rollout_env_group``).
 
-    The groups of a round start together, so their ``generate`` calls reach
-    the policy replica within its batching gap and run as one engine batch.
-    On the tiny config (2 cores) 6 groups a round instead of 2 loops of 1 cut
-    the policy process's CPU time per training step by about a quarter
-    (benchmarks/grpo_vs_trl.py has the whole run's numbers).
+    The groups of a round start together: an idle policy replica waits until
+    requests stop arriving (``BATCH_GAP_S`` in ``forge_lite.actors.policy``),
+    so they are prefilled and start decoding together. Both engines batch
+    continuously (the transformers engine's decoding batch is
+    ``forge_lite/actors/engines/kv_batch.py``): a request that arrives while
+    others decode joins them at the next token step, so groups share decode
+    steps whether or not they started in the same round or task. What
+    ``prompts_per_rollout`` sets is how many groups a task keeps in flight.
+    (The tiny config's one loop of 6 groups was measured against 2 loops of
+    1, a quarter less policy CPU per training step, when the transformers
+    engine still ran whole batches; benchmarks/grpo_vs_trl.py has the whole
+    run's numbers.)
     """
     rollout = rollout_group if config.env.name is None else rollout_env_group
     while True:
@@ -100,34 +88,21 @@ async def rollout_loop(s: Services, config: GRPOConfig, pad_id: int, window: Rol
 
 async def rollout_group(s: Services, config: GRPOConfig, pad_id: int, window: RolloutWindow) -> Group:
     """One prompt, ``group_size`` scored episodes with advantages, into the buffer
-    (unless ``skip_uniform_groups`` and every reward is the same)."""
+    (unless ``skip_uniform_groups`` and every reward is the same; ``finish_group``)."""
     sample = await s.dataloader.sample.call_one()
     request, target = sample["request"], sample["target"]
     completions = await timed(window.seconds, "generate", s.policy.generate.route(request, n=config.group_size))
     group = Group.from_completions(
         completions, request, target, pad_id, config.data.request_len, config.policy.max_tokens
     )
-    # The reference scores every response, or (beta 0) the first kl_samples.
-    with_reference = group.episodes[: config.reference.kl_samples]
+    # The reference scores the responses while the reward does.
     rewards, ref_logprobs = await asyncio.gather(
         timed(window.seconds, "reward", score(s, group)),
-        timed(window.seconds, "reference", reference_logprobs(s, with_reference, config.data.request_len)),
+        timed(window.seconds, "reference", reference_logprobs(s, config, group)),
     )
-    window.record_rollout(group, completions, rewards)
-    if config.skip_uniform_groups and window.skip_uniform(rewards):
-        return group
-
-    for episode, reward in zip(group.episodes, rewards):
-        episode.reward = reward
-    for episode, completion, row in zip(with_reference, completions, ref_logprobs):
-        episode.ref_logprobs = row[: len(completion.token_ids)]
-        episode.behaviour_kl = response_kl(episode.ref_logprobs, completion.logprobs)
-    advantages = await s.compute_advantages.compute.call_one(group)
-    for episode, advantage in zip(group.episodes, advantages):
-        episode.advantage = advantage
-    await s.replay_buffer.extend.call_one(group.episodes)  # `add` for each, in one call
-    window.buffered(len(group.episodes))
-    return group
+    correct = [is_correct(e.request, e.response, e.target) for e in group.episodes]
+    tokens = sum(len(c.token_ids) for c in completions)
+    return await finish_group(s, config, window, group, rewards, correct, tokens, ref_logprobs)
 
 
 async def score(s: Services, group: Group) -> list[float]:
@@ -135,19 +110,6 @@ async def score(s: Services, group: Group) -> list[float]:
     first = group.episodes[0]  # one prompt and one target for the whole group
     return await s.reward_actor.evaluate_responses.route(
         prompt=first.request, responses=[e.response for e in group.episodes], target=first.target
-    )
-
-
-async def reference_logprobs(s: Services, episodes: list[Episode], request_len: int) -> torch.Tensor:
-    """The reference model's logprobs of each episode's response, ``[len(episodes), response_len]``.
-
-    In one call, as padded episode tensors: the request ends at column
-    request_len for every row (docs/tutorial_differences.md#max-req-tokens).
-    """
-    tokens = torch.stack([torch.cat([e.request_tensor, e.response_tensor]) for e in episodes])
-    mask = torch.stack([torch.cat([e.request_mask, e.response_mask]) for e in episodes])
-    return await s.ref_model.forward.route(
-        tokens, max_req_tokens=request_len, return_logprobs=True, attention_mask=mask
     )
 
 
@@ -281,80 +243,3 @@ def mean_kl(episodes: list[Episode]) -> float:
     reference scored (every one, or a sample with ``reference.kl_samples``)."""
     kls = [e.behaviour_kl for e in episodes if e.behaviour_kl is not None]
     return sum(kls) / len(kls) if kls else float("nan")
-
-
-class RolloutWindow:
-    """What the rollout tasks did since the last training step."""
-
-    def __init__(self) -> None:
-        self.uniform_in_a_row = 0  # groups skipped since one reached the buffer (not per step)
-        # Episodes in the buffer that no step has taken yet (not per step).
-        self.in_buffer = 0
-        self._room_changed = asyncio.Event()
-        self._start()
-
-    def _start(self) -> None:
-        self.started = time.perf_counter()
-        self.wall_s = 0.0  # set by take()
-        self.seconds: dict[str, float] = defaultdict(float)  # per phase, summed over tasks
-        self.tokens = 0  # response tokens generated
-        self.rewards: list[float] = []  # of every response scored
-        self.correct: list[bool] = []
-        self.skipped_groups = 0  # groups left out of the buffer (all rewards equal)
-        self.groups = 0  # groups scored
-        self.uniform_groups = 0  # of those, groups whose rewards were all equal
-
-    async def room(self, batch_size: int) -> None:
-        """Wait while the buffer holds a whole batch that no step has taken.
-
-        Rollouts beyond that would only wait in the buffer and age out (with
-        max_policy_age 1, measured: half of what four rollout tasks made),
-        while on a few cores their generation takes CPU from the trainer,
-        the slower of the two. One step ahead keeps the trainer fed.
-        """
-        while self.in_buffer >= batch_size:
-            self._room_changed.clear()
-            await self._room_changed.wait()
-
-    def buffered(self, count: int) -> None:
-        self.in_buffer += count
-
-    def taken(self, count: int) -> None:
-        """``count`` episodes left the buffer (sampled, or dropped as stale)."""
-        self.in_buffer = max(0, self.in_buffer - count)
-        self._room_changed.set()
-
-    def record_rollout(self, group: Group, completions, rewards: list[float]) -> None:
-        self.tokens += sum(len(c.token_ids) for c in completions)
-        self.record_group_rewards(rewards)
-        self.correct.extend(is_correct(e.request, e.response, e.target) for e in group.episodes)
-
-    def record_group_rewards(self, rewards: list[float]) -> None:
-        """One scored group's rewards (whether or not it reaches the buffer)."""
-        self.rewards.extend(rewards)
-        self.groups += 1
-        self.uniform_groups += len(set(rewards)) == 1
-
-    def skip_uniform(self, rewards: list[float]) -> bool:
-        """True (and counted) if every reward is the same; an error after
-        MAX_UNIFORM_IN_A_ROW such groups in a row."""
-        if len(set(rewards)) > 1:
-            self.uniform_in_a_row = 0
-            return False
-        self.skipped_groups += 1
-        self.uniform_in_a_row += 1
-        if self.uniform_in_a_row >= MAX_UNIFORM_IN_A_ROW:
-            raise RuntimeError(
-                f"the last {self.uniform_in_a_row} groups each got one reward for all their "
-                f"responses (this one: {rewards[0]}), so skip_uniform_groups left every one of them "
-                f"out and the trainer has nothing to learn from; use reward functions that tell "
-                f"responses apart, or set skip_uniform_groups=false"
-            )
-        return True
-
-    def take(self) -> RolloutWindow:
-        """What was recorded so far (``wall_s`` set); starts a new window."""
-        taken = copy.copy(self)
-        taken.wall_s = time.perf_counter() - self.started
-        self._start()  # new counters; `taken` keeps the old ones
-        return taken

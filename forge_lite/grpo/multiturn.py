@@ -61,18 +61,15 @@ import asyncio
 import contextlib
 import functools
 import json
-import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from forge_lite.actors.hf_model import load_tokenizer
 from forge_lite.data.prompts import extract_target
+from forge_lite.grpo.rollout import finish_group, timed
 from forge_lite.rl.episode import Episode, Group
-from forge_lite.rl.loss import response_kl
 
 TRAJECTORIES_FILE = "trajectories.jsonl"
 # The runs (output_dir, response_len) already told that a trajectory was cut.
@@ -264,11 +261,10 @@ async def _play(policy, env, tokenizer, problem, prompt, episode_id, session,
     previous_version = None  # ... computed with these weights
     while True:
         room = response_len - (len(trajectory.response_ids) if trajectory else 0)
-        began = time.perf_counter()
-        completion = (await policy.generate.route(
+        seconds: dict[str, float] = {}  # this turn's: "generate" and "env"
+        completion = (await timed(seconds, "generate", policy.generate.route(
             conversation, n=1, max_tokens=min(max_tokens, room), **sampling
-        ))[0]
-        generate_s = time.perf_counter() - began
+        )))[0]
         engine_prompt = completion.prompt_ids.tolist()
         if trajectory is None:
             trajectory = Trajectory(episode_id, dict(problem), prompt, engine_prompt, session=session)
@@ -289,15 +285,13 @@ async def _play(policy, env, tokenizer, problem, prompt, episode_id, session,
         trajectory.logprobs += completion.logprobs.tolist()
         context += new
 
-        began = time.perf_counter()
-        observation, reward, done, info = await env.step.route(episode_id, completion.text)
-        env_s = time.perf_counter() - began
+        observation, reward, done, info = await timed(seconds, "env", env.step.route(episode_id, completion.text))
         trajectory.turns.append(Turn(
             index=len(trajectory.turns) + 1, action=completion.text, observation=observation,
             reward=reward, prompt_tokens=len(engine_prompt), cached_tokens=completion.num_cached_tokens,
             reusable_tokens=reusable, new_tokens=len(new), replica=completion.replica,
             policy_version=completion.generator_version, stop_reason=completion.stop_reason,
-            generate_s=generate_s, env_s=env_s, info=info,
+            generate_s=seconds["generate"], env_s=seconds["env"], info=info,
         ))
         trajectory.reward += reward
         trajectory.correct = bool(info.get("correct", False))
@@ -327,71 +321,43 @@ async def _play(policy, env, tokenizer, problem, prompt, episode_id, session,
 async def rollout_env_group(s, config, pad_id: int, window) -> Group:
     """One problem, ``group_size`` trajectories played at once, scored, with
     advantages, into the buffer: the multi-turn ``rollout_group``
-    (``forge_lite.grpo.loop``), used when ``config.env.name`` is set.
+    (``forge_lite.grpo.loop``), used when ``config.env.name`` is set; both
+    end in ``forge_lite.grpo.rollout.finish_group``.
 
     Time goes to ``window.seconds``: "generate" (playing the group's
     trajectories: the policy's turns and the environment's steps, which
     interleave; each Turn records its own ``generate_s`` and ``env_s``) and
-    "reference". Every trajectory is appended to
-    ``<config.output_dir>/trajectories.jsonl`` when the run has an output_dir.
+    "reference" (asked only for a group that reaches the buffer). Every
+    trajectory is appended to ``<config.output_dir>/trajectories.jsonl`` when
+    the run has an output_dir.
     """
     problem = await s.env.sample_problem.route()
-    began = time.perf_counter()
-    trajectories = await asyncio.gather(*(
+    trajectories = await timed(window.seconds, "generate", asyncio.gather(*(
         play_trajectory(
             s.policy, s.env, tokenizer_for(config.model), problem,
             response_len=config.env.response_len, max_tokens=config.policy.max_tokens,
             sessions=config.env.sessions,
         )
         for _ in range(config.group_size)
-    ))
-    window.seconds["generate"] += time.perf_counter() - began
+    )))
     group = Group(uuid.uuid4().hex[:8])
     group.episodes = [
         t.episode(pad_id, config.data.request_len, config.env.response_len, target=extract_target(problem["answer"]))
         for t in trajectories
     ]
-    rewards = [t.reward for t in trajectories]
-    window.tokens += sum(sum(t.model_mask) for t in trajectories)
     if any(t.truncated for t in trajectories) and (config.output_dir, config.env.response_len) not in _TOLD:
         # Said once per run; the episodes say so too, and trajectories.jsonl counts them.
         _TOLD.add((config.output_dir, config.env.response_len))
         print(f"GRPO: a trajectory did not fit env.response_len={config.env.response_len} and was cut "
               "there (Episode.truncated, scored with the rewards it had earned); raise "
               "env.response_len if this happens often", flush=True)
-    window.record_group_rewards(rewards)
-    window.correct.extend(t.correct for t in trajectories)
     save_trajectories(config.output_dir, trajectories)
-    if config.skip_uniform_groups and window.skip_uniform(rewards):
-        return group
-
-    for episode, reward in zip(group.episodes, rewards):
-        episode.reward = reward
-    with_reference = group.episodes[: config.reference.kl_samples]
-    began = time.perf_counter()
-    ref_logprobs = await reference_logprobs(s.ref_model, with_reference, config.data.request_len)
-    window.seconds["reference"] += time.perf_counter() - began
-    for episode, trajectory, row in zip(with_reference, trajectories, ref_logprobs):
-        episode.ref_logprobs = row[: len(trajectory.response_ids)]
-        episode.behaviour_kl = response_kl(
-            episode.ref_logprobs, torch.tensor(trajectory.logprobs), torch.tensor(trajectory.model_mask)
-        )
-    advantages = await s.compute_advantages.compute.call_one(group)
-    for episode, advantage in zip(group.episodes, advantages):
-        episode.advantage = advantage
-    await s.replay_buffer.extend.call_one(group.episodes)
-    window.buffered(len(group.episodes))
-    return group
-
-
-async def reference_logprobs(ref_model, episodes: list[Episode], request_len: int) -> torch.Tensor:
-    """The reference model's logprobs of each episode's whole response,
-    ``[len(episodes), response_len]``: environment tokens too (the loss masks
-    them out, and scoring them costs less than cutting the rows apart)."""
-    tokens = torch.stack([torch.cat([e.request_tensor, e.response_tensor]) for e in episodes])
-    mask = torch.stack([torch.cat([e.request_mask, e.response_mask]) for e in episodes])
-    return await ref_model.forward.route(tokens, max_req_tokens=request_len, return_logprobs=True,
-                                         attention_mask=mask)
+    # The reward is the return; the reference is asked by finish_group, once
+    # the group is known to reach the buffer.
+    return await finish_group(
+        s, config, window, group, rewards=[t.reward for t in trajectories],
+        correct=[t.correct for t in trajectories], tokens=sum(sum(t.model_mask) for t in trajectories),
+    )
 
 
 async def evaluate_env(policy, env, problems: list[dict], *, model: str | None, response_len: int,
