@@ -8,6 +8,7 @@ own. Every wait is for a state or an event, never a fixed sleep.
 
 import asyncio
 import contextlib
+import importlib
 import os
 import time
 from collections import Counter
@@ -354,6 +355,22 @@ async def test_fanout_failure_names_the_replica_and_keeps_the_others_results(svc
     assert list(error.failures) == [1]
     assert isinstance(error.failures[1], InventoryError)
     assert error.results == {0: 0, 2: 2}
+
+
+def test_the_controller_exceptions_live_in_errors_and_keep_their_old_import_paths():
+    # One module answers "what can route raise"; notebooks and docs written
+    # before it still import these names from the service modules.
+    errors = importlib.import_module("forge_lite.controller.errors")
+    old_places = {
+        "forge_lite.controller.service": ["FanoutError", "NoHealthyReplicaError", "ServiceShutdownError"],
+        "forge_lite.controller.service.service": ["FanoutError", "NoHealthyReplicaError", "ServiceShutdownError"],
+        "forge_lite.controller.service.replica": ["UserError", "ReplicaFailure", "HostLost"],
+    }
+    for module, names in old_places.items():
+        for name in names:
+            assert getattr(importlib.import_module(module), name) is getattr(errors, name), (module, name)
+            assert getattr(errors, name).__module__ == "forge_lite.controller.errors"
+            assert f"``{name}``" in errors.__doc__, f"errors.py's docstring does not say when {name} is raised"
 
 
 @pytest.mark.parametrize("adverb", ["call_one", "call", "choose", "broadcast", "stream"])

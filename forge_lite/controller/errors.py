@@ -1,5 +1,51 @@
-"""Endpoint exceptions that reach the caller intact.
+"""The controller's exceptions, and what each call can raise.
 
+``svc.<endpoint>.route(...)`` (``Service.route``) raises:
+  - the endpoint's own exception, as itself (or a ``RemoteError`` named like
+    it when it cannot be rebuilt here, see below): not retried, and the
+    replica stays healthy;
+  - ``NoHealthyReplicaError`` when no replica can take the request: every one
+    failed and none is respawning, it failed on ``max_retries + 1`` replicas
+    (its ``__cause__`` is the last ``ReplicaFailure``), or it waited
+    ``request_timeout`` seconds for a replica with room;
+  - ``ServiceShutdownError`` after ``shutdown()``, also to a request that was
+    waiting for a replica then;
+  - ``TypeError`` for arguments that do not fit the endpoint's signature;
+  - what a router of your own raises in ``choose`` (TypeError or ValueError
+    when it answers with something that is not one of its candidates).
+  A ``ReplicaFailure`` never reaches the caller of ``route``: it is retried.
+
+``svc.<endpoint>.fanout(...)`` (``Service.fanout``), no retries, raises:
+  - ``FanoutError`` when the call failed on any replica: ``.failures`` maps a
+    replica's index to the endpoint's exception or a ``ReplicaFailure``
+    (``HostLost`` when its host was lost), ``.results`` the others' answers;
+  - ``NoHealthyReplicaError`` when no replica is up;
+  - ``ServiceShutdownError`` after ``shutdown()``.
+
+``actor.<endpoint>.call_one(...)`` / ``call`` / ``choose`` / ``stream`` on the
+handle ``as_actor()`` returns (``forge_lite.controller.actor_handle``) raise:
+  - the endpoint's own exception, as itself or as a ``RemoteError``;
+  - Monarch's own supervision error, unchanged, when a process died.
+
+Sessions: ``svc.session()`` and ``svc.start_session()`` raise
+``ServiceShutdownError`` after ``shutdown()``; a ``route`` inside a session
+raises what any ``route`` raises. A session whose replica failed is not an
+error: it moves to another replica (a ``SessionMoved`` event says so).
+
+The teaching controls (``kill_replica``, ``kill_host``, ``slow_replica``,
+``scale``, ``wait_for_state``, ``wait_for_host``) raise IndexError for a
+replica or host that does not exist, ValueError for a bad argument (and
+``kill_host`` on a cluster of this machine alone), ``ClusterError`` from
+``kill_host`` for a host already lost, TimeoutError when the service did not
+notice in time, and ``ServiceShutdownError`` after ``shutdown()``.
+
+Inside the controller, never raised to a caller of ``route``: ``UserError``
+carries the endpoint's exception from ``Replica.call`` to the service, which
+raises the original; ``ReplicaFailure`` (and its ``HostLost``) says the
+replica could not run the call, and makes the service retry elsewhere.
+
+Endpoint exceptions that reach the caller intact
+------------------------------------------------
 An exception raised in an endpoint travels to the caller pickled. Python
 pickles an exception as ``(its class, its args)`` and rebuilds it by calling
 ``cls(*args)``, which fails for a class whose ``__init__`` takes other
@@ -26,9 +72,54 @@ import traceback
 
 import cloudpickle
 
+# ------------------------------------------------------------ a service's calls
+
+
+class NoHealthyReplicaError(RuntimeError):
+    """No replica could take the request (all failed, or the wait timed out)."""
+
+
+class ServiceShutdownError(RuntimeError):
+    """The service was shut down."""
+
+
+class FanoutError(RuntimeError):
+    """Some replicas failed a fanout; ``results`` holds the others' answers."""
+
+    def __init__(self, endpoint: str, failures: dict[int, BaseException], results: dict[int, object]):
+        listed = "; ".join(f"replica {i}: {type(e).__name__}: {e}" for i, e in failures.items())
+        super().__init__(f"fanout of {endpoint!r} failed on {len(failures)} replica(s): {listed}")
+        self.failures = failures
+        self.results = results
+
+
+# ------------------------------------------------------------ the cluster
+
 
 class ClusterError(RuntimeError):
     """The cluster could not be attached, or cannot hold what was asked of it."""
+
+
+# ------------------------------------------------------------ inside the controller
+
+
+class UserError(Exception):
+    """Carries an exception raised by the endpoint's own code back to the caller."""
+
+    def __init__(self, original: BaseException):
+        super().__init__(original)
+        self.original = original
+
+
+class ReplicaFailure(Exception):
+    """The replica could not run the call: its process died or is unreachable."""
+
+
+class HostLost(ReplicaFailure):
+    """The replica's host was lost; calls in flight there were given up."""
+
+
+# ------------------------------------------------------------ endpoint exceptions, intact
 
 
 class RemoteError(Exception):

@@ -2,21 +2,17 @@
 
 Read in this order: ``interface.py`` (what the caller sees), ``service.py``
 (the controller), ``replica.py``, ``router.py``, ``sessions.py``,
-``events.py``, ``metrics.py``.
+``events.py``, ``metrics.py``. What each call raises:
+``forge_lite.controller.errors``.
 """
 
+from forge_lite.controller.errors import FanoutError, NoHealthyReplicaError, ServiceShutdownError
 from forge_lite.controller.service_config import ServiceConfig
 from forge_lite.controller.service.events import EventStream
 from forge_lite.controller.service.interface import ServiceEndpoint, ServiceInterface
 from forge_lite.controller.service.replica import ReplicaState
 from forge_lite.controller.service.router import LeastLoaded, PrefixAware, Request, RoundRobin, Router
-from forge_lite.controller.service.service import (
-    FanoutError,
-    FanoutResult,
-    NoHealthyReplicaError,
-    Service,
-    ServiceShutdownError,
-)
+from forge_lite.controller.service.service import FanoutResult, Service
 
 __all__ = [
     "ServiceConfig", "EventStream", "ServiceEndpoint", "ServiceInterface", "ReplicaState",

@@ -3,7 +3,8 @@
 ``svc.generate.route(prompt)`` sends to one replica, ``svc.get_version.fanout()``
 to all. Monarch's own adverbs (``call_one``, ``call``, ``choose``,
 ``broadcast``, ``stream``) address actors, not services; on a service they
-raise an error that says which adverb to use instead.
+raise an error that says which adverb to use instead. What each call can
+raise, and when, is listed in ``forge_lite.controller.errors``.
 """
 
 from __future__ import annotations

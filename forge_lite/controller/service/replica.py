@@ -28,7 +28,9 @@ from monarch.actor import ActorError
 
 from forge_lite.controller import procs as _procs
 from forge_lite.controller import runtime
-from forge_lite.controller.errors import remote_exception
+# HostLost, ReplicaFailure and UserError live in errors.py with the controller's
+# other exceptions; importing them from here still works.
+from forge_lite.controller.errors import HostLost, ReplicaFailure, UserError, remote_exception
 from forge_lite.controller.spawn import spawn_actor_mesh
 
 
@@ -79,22 +81,6 @@ class CircuitBreaker:
 
     def close(self) -> None:
         self.open_until = 0.0
-
-
-class UserError(Exception):
-    """Carries an exception raised by the endpoint's own code back to the caller."""
-
-    def __init__(self, original: BaseException):
-        super().__init__(original)
-        self.original = original
-
-
-class ReplicaFailure(Exception):
-    """The replica could not run the call: its process died or is unreachable."""
-
-
-class HostLost(ReplicaFailure):
-    """The replica's host was lost; calls in flight there were given up."""
 
 
 def _being_cancelled() -> bool:

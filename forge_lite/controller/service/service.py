@@ -19,6 +19,16 @@ from typing import Any
 
 from forge_lite.controller import cluster as _cluster
 from forge_lite.controller import procs as _procs
+# What route and fanout raise lives in errors.py (its docstring lists them);
+# importing these names from here still works.
+from forge_lite.controller.errors import (
+    FanoutError,
+    HostLost,
+    NoHealthyReplicaError,
+    ReplicaFailure,
+    ServiceShutdownError,
+    UserError,
+)
 from forge_lite.controller.service.events import (
     CallbackErrors,
     EventStream,
@@ -33,13 +43,7 @@ from forge_lite.controller.service.events import (
     SessionStarted,
 )
 from forge_lite.controller.service.metrics import ServiceMetrics
-from forge_lite.controller.service.replica import (
-    HostLost,
-    Replica,
-    ReplicaFailure,
-    ReplicaState,
-    UserError,
-)
+from forge_lite.controller.service.replica import Replica, ReplicaState
 from forge_lite.controller.service.router import Request, make_router
 from forge_lite.controller.service.sessions import SessionTable, current_session
 
@@ -50,24 +54,6 @@ HEALTHY, OVERLOADED, FAILED, RECOVERING, STOPPED = (
     ReplicaState.RECOVERING,
     ReplicaState.STOPPED,
 )
-
-
-class NoHealthyReplicaError(RuntimeError):
-    """No replica could take the request (all failed, or the wait timed out)."""
-
-
-class ServiceShutdownError(RuntimeError):
-    """The service was shut down."""
-
-
-class FanoutError(RuntimeError):
-    """Some replicas failed a fanout; ``results`` holds the others' answers."""
-
-    def __init__(self, endpoint: str, failures: dict[int, BaseException], results: dict[int, Any]):
-        listed = "; ".join(f"replica {i}: {type(e).__name__}: {e}" for i, e in failures.items())
-        super().__init__(f"fanout of {endpoint!r} failed on {len(failures)} replica(s): {listed}")
-        self.failures = failures
-        self.results = results
 
 
 class FanoutResult(list):
