@@ -1,9 +1,10 @@
 """The service layer: replicas behind a router, sessions, health, events.
 
 Read in this order: ``interface.py`` (what the caller sees), ``service.py``
-(the controller), ``replica.py``, ``router.py``, ``sessions.py``,
-``events.py``, ``metrics.py``. What each call raises:
-``forge_lite.controller.errors``.
+(the controller: a request's life), ``replica.py``, ``router.py``,
+``sessions.py``, ``hosts.py`` (placing replicas, and hosts lost and back),
+``controls.py`` (kill, slow, scale: the teaching controls), ``events.py``,
+``metrics.py``. What each call raises: ``forge_lite.controller.errors``.
 """
 
 from forge_lite.controller.errors import FanoutError, NoHealthyReplicaError, ServiceShutdownError

@@ -6,6 +6,13 @@ in the same kernel can watch it directly. For each request it picks a replica
 call, and on an infrastructure failure marks the replica FAILED, retries the
 request elsewhere, and respawns the replica in the background. A health loop
 probes every replica. Everything it decides is published on ``self.events``.
+
+Where replicas run and what happens when a host comes and goes is in
+``hosts.py``; the controls a notebook breaks the service with (kill, slow,
+scale) in ``controls.py``; what ``route`` and ``fanout`` raise in
+``forge_lite.controller.errors``. Longer than 500 lines because what is left
+is one idea, the life of a request (pick a replica, wait for room, send,
+fail, retry, respawn), and a reader follows it top to bottom in one file.
 """
 
 from __future__ import annotations
@@ -18,7 +25,6 @@ from collections import deque
 from typing import Any
 
 from forge_lite.controller import cluster as _cluster
-from forge_lite.controller import procs as _procs
 # What route and fanout raise lives in errors.py (its docstring lists them);
 # importing these names from here still works.
 from forge_lite.controller.errors import (
@@ -29,10 +35,10 @@ from forge_lite.controller.errors import (
     ServiceShutdownError,
     UserError,
 )
+from forge_lite.controller.service.controls import TeachingControls
 from forge_lite.controller.service.events import (
     CallbackErrors,
     EventStream,
-    HostStateChanged,
     ReplicaStateChanged,
     RequestFinished,
     RequestRetried,
@@ -42,6 +48,7 @@ from forge_lite.controller.service.events import (
     SessionMoved,
     SessionStarted,
 )
+from forge_lite.controller.service.hosts import HostReactions, check_gpus
 from forge_lite.controller.service.metrics import ServiceMetrics
 from forge_lite.controller.service.replica import Replica, ReplicaState
 from forge_lite.controller.service.router import Request, make_router
@@ -64,7 +71,7 @@ class FanoutResult(list):
         self.replicas = replicas
 
 
-class Service:
+class Service(HostReactions, TeachingControls):
     """Replicas behind a router; what ``as_service()`` runs in the caller's process.
 
     The life of a request (``route``):
@@ -97,7 +104,10 @@ class Service:
     calls in flight there are given up (``Replica.abandon``) and retried
     elsewhere: Monarch alone would leave them hanging for a minute or more.
     The replicas respawn on the hosts that are up, and go back home when
-    their host is up again (``_move_home``).
+    their host is up again (``_move_home``). That side lives in ``hosts.py``
+    (``HostReactions``); the controls a notebook breaks and grows the service
+    with (``kill_replica``, ``kill_host``, ``slow_replica``, ``scale``,
+    ``wait_for_state``) in ``controls.py`` (``TeachingControls``).
     """
 
     _ids = itertools.count()
@@ -114,6 +124,8 @@ class Service:
         # context, or spawning a replacement finds no client to spawn from.
         self.context = contextvars.copy_context()
         self.cluster = _cluster.current()  # where the replicas are placed
+        # Each host's state as this service last published it, and how to stop
+        # listening to the cluster (hosts.py; both only on a cluster).
         self._host_states: dict[str, str] = {}
         self._unsubscribe_cluster = None
         self.events = EventStream(self.config.event_history)
@@ -138,39 +150,15 @@ class Service:
     async def start(cls, actor_cls: type, args: tuple, kwargs: dict):
         from forge_lite.controller.service.interface import ServiceInterface
 
-        if actor_cls.with_gpus and _cluster.current().is_local:  # a cluster counts per host (Cluster.place)
-            gpus = _procs.visible_gpus()
-            needed = actor_cls.num_replicas * actor_cls.procs
-            share = actor_cls.gpu_share
-            if gpus and _procs.pack_gpus(needed, share, gpus, {}) is None:
-                each = "" if share == 1 else f" at a share of {share:g} each"
-                raise RuntimeError(
-                    f"{actor_cls.__name__} needs {needed} GPUs{each} ({actor_cls.num_replicas} replicas × "
-                    f"{actor_cls.procs} procs) but this machine has {len(gpus)}."
-                )
-        elif actor_cls.with_gpus and actor_cls.gpu_share < 1:
-            raise ValueError(f"{actor_cls.__name__}: gpu_share={actor_cls.gpu_share} shares a GPU of this "
-                             "machine; on a cluster each process takes a whole GPU (leave gpu_share at 1)")
+        # Where the replicas go (hosts.py): checked, and placed, before anything spawns.
+        check_gpus(actor_cls)
         service = cls(actor_cls, args, kwargs)
-        service.cluster.check(actor_cls.hosts or 1, f"{actor_cls.__name__}.options(hosts={actor_cls.hosts})")
-        if actor_cls.on_hosts is not None:  # every host it names is in the cluster: checked before any spawn
-            service.cluster.choose_among(actor_cls.on_hosts, actor_cls.hosts or 1,
-                                         f"{actor_cls.__name__}.options(on_hosts={list(actor_cls.on_hosts)})")
+        service._check_hosts()
         service.replicas = [Replica(service, i) for i in range(actor_cls.num_replicas)]
-        try:
-            for replica in service.replicas:  # one by one: each takes the least-occupied hosts left
-                replica.place()
-        except BaseException:
-            for replica in service.replicas:
-                await replica.stop()
-            raise
-        if not service.cluster.is_local:
-            service._unsubscribe_cluster = service.cluster.subscribe(service._on_host)
-            for host in service.cluster.hosts:
-                service._publish_host(host, host.state, host.reason)
+        await service._place_replicas()
+        service._watch_hosts()
         for replica in service.replicas:
-            where = "" if service.cluster.is_local else f" on {replica.host}"
-            service._publish_state(replica, None, RECOVERING, "starting" + where)
+            service._publish_state(replica, None, RECOVERING, "starting" + service._where(replica))
         results = await asyncio.gather(
             *(service._start_replica(r) for r in service.replicas), return_exceptions=True
         )
@@ -519,14 +507,9 @@ class Service:
                 else:
                     reason = f"respawning after: {replica.reason}"
                 replica.breaker.close()
-                try:
-                    replica.place()  # its home if that is up, else the least-occupied hosts
-                except Exception as e:  # no host up, or no free GPU: try again after a cooldown
-                    replica.breaker.open_for(self.config.cooldown)
-                    self._set_state(replica, FAILED, f"no host to respawn on ({e}); next try in {self.config.cooldown:g} s")
-                    continue
-                if not self.cluster.is_local:
-                    reason = reason.replace("respawning", f"respawning on {replica.host}", 1)
+                if not self._place_for_respawn(replica):  # hosts.py
+                    continue  # no host can take it: FAILED, and tried again after a cooldown
+                reason = reason.replace("respawning", "respawning" + self._where(replica), 1)
                 self._set_state(replica, RECOVERING, reason)
                 try:
                     await replica.spawn()
@@ -549,119 +532,12 @@ class Service:
                 if self._retired(replica):
                     await replica.stop()
                     return
-                where = "" if self.cluster.is_local else f" on {replica.host}"
-                self._set_state(replica, HEALTHY, f"respawned in {replica.last_spawn_s:.1f} s{where}")
+                self._set_state(replica, HEALTHY, f"respawned in {replica.last_spawn_s:.1f} s{self._where(replica)}")
                 return
         finally:
             replica.recovering = False
 
-    # ------------------------------------------------------------ hosts
-
-    def _publish_host(self, host, new: str, reason: str) -> None:
-        old = self._host_states.get(host.name)
-        self._host_states[host.name] = new
-        self.events.publish(HostStateChanged(host.name, old, new, reason, host.where))
-
-    def _on_host(self, state: str, host, reason: str) -> None:
-        """The cluster's news about a host: LOST, or UP again."""
-        if self._shut_down:
-            return
-        self._publish_host(host, state, reason)
-        if state == _cluster.LOST:
-            self._host_lost(host, f"{host.label} lost: {reason}")
-        else:
-            self._host_back(host)
-
-    def _host_lost(self, host, reason: str) -> None:
-        """Fail every replica on ``host`` now, then give up their calls in flight.
-
-        In that order: a given-up call is retried at once, and must not be
-        handed to another replica on the same lost host.
-        """
-        on_host = [r for r in self.replicas if any(h is host for h in r.hosts) and r.state != STOPPED]
-        for replica in on_host:
-            self.replica_failed(replica, reason, replica.generation)
-        for replica in on_host:
-            replica.abandon(reason)  # also a respawn under way there
-
-    def _host_back(self, host) -> None:
-        """A host is up again: replicas that left it go back home."""
-        for replica in self.replicas:
-            if (replica.accepting and replica.displaced and not replica.recovering
-                    and any(h is host for h in replica.home)
-                    and all(h.state == _cluster.UP for h in replica.home)):
-                self._spawn_task(self._move_home(replica))
-
-    async def _move_home(self, replica: Replica) -> None:
-        """Move a replica back to its home hosts: out of rotation, drain, respawn there.
-
-        Its requests in flight finish where they are; new ones go to the
-        other replicas meanwhile, like during a respawn.
-        """
-        home = "+".join(h.name for h in replica.home)
-        replica.recovering = True
-        self._set_state(replica, RECOVERING, f"moving back to {home}, which is up again")
-        try:
-            while replica.in_flight > 0 and not self._retired(replica):
-                await asyncio.sleep(0.01)
-            if self._retired(replica):
-                return
-            if not all(h.state == _cluster.UP for h in replica.home):
-                replica.recovering = False
-                self._set_state(replica, HEALTHY, f"stays on {replica.host}: {home} was lost again")
-                return
-            await replica.stop()
-            replica.place()
-            await replica.spawn()
-            if self._retired(replica):
-                await replica.stop()
-                return
-        except Exception as e:  # its home was lost again, or the spawn failed
-            self.last_failure = f"replica {replica.index}: moving back to {home} failed: {e}"
-            replica.recovering = self.config.auto_respawn
-            self._set_state(replica, FAILED, f"moving back to {home} failed ({type(e).__name__}: {e})")
-            if self.config.auto_respawn:
-                self._spawn_task(self._recover(replica))
-            return
-        replica.recovering = False
-        self._set_state(replica, HEALTHY, f"back on {replica.host} in {replica.last_spawn_s:.1f} s")
-
-    async def kill_host(self, index: int, timeout: float = 30.0) -> None:
-        """SIGKILL host ``index`` of the cluster (its worker and every process
-        on it) and wait until the service notices.
-
-        Nothing tells the service about the kill: it finds out from the
-        cluster's probe, as it would for a machine that lost power (about
-        ``probe_interval + probe_timeout`` seconds). Raises ValueError on a
-        cluster of this machine alone (there is no other host to kill),
-        IndexError for no such host, TimeoutError if not noticed in ``timeout`` s.
-        """
-        self._check_open()
-        if self.cluster.is_local:
-            raise ValueError("the cluster is this machine alone: there is no host to kill "
-                             "(attach workers with forge_lite.attach_cluster)")
-        await self.cluster.kill_host(index)
-        await self.wait_for_host(index, _cluster.LOST, timeout)
-
-    async def wait_for_host(self, index: int, state: str, timeout: float = 60.0) -> None:
-        """Wait until host ``index`` of the cluster is ``state`` (UP or LOST) for this service."""
-        host = self.cluster.host(index)
-        if self._host_states.get(host.name) == state:
-            return
-        reached = self.loop.create_future()
-
-        def watch(event) -> None:
-            if (isinstance(event, HostStateChanged) and event.host == host.name
-                    and event.new == state and not reached.done()):
-                reached.set_result(None)
-
-        unsubscribe = self.events.subscribe(watch)
-        try:
-            await asyncio.wait_for(reached, timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"{host.label} did not become {state} within {timeout} s; it is {host.state}") from None
-        finally:
-            unsubscribe()
+    # ------------------------------------------------------------ health
 
     async def _health_loop(self) -> None:
         probe_timeout = max(5.0, 5 * self.config.health_poll_rate)
@@ -704,86 +580,3 @@ class Service:
     def terminate_session(self, session_id: str) -> None:
         pin = self.sessions.end(session_id)
         self.events.publish(SessionEnded(session_id, None if pin is None else pin[0]))
-
-    # ------------------------------------------------------------ teaching controls
-
-    async def kill_replica(self, index: int, timeout: float = 30.0) -> None:
-        """SIGKILL replica ``index``'s processes and wait until the service notices.
-
-        Nothing tells the service about the kill: it finds out the way it
-        would for a real crash (Monarch's supervision, or a failed call),
-        which takes about half a second here.
-        """
-        self._check_open()
-        replica = self._replica(index)
-        generation = replica.generation
-        replica.kill()
-        if replica.generation == generation and replica.accepting:
-            await self.wait_for_state(index, "FAILED", timeout)
-
-    async def slow_replica(self, index: int, seconds: float) -> None:
-        """Hold every request sent to replica ``index`` for ``seconds`` more (0 ends it).
-
-        The delay is added by the controller before the call is sent, so it
-        behaves like a slow network or an overloaded GPU: the request is in
-        flight, counts against the replica's limit, and routers see it.
-        """
-        self._check_open()
-        if seconds < 0:
-            raise ValueError(f"seconds must be >= 0, got {seconds}")
-        self._replica(index).delay_s = float(seconds)
-
-    async def scale(self, num_replicas: int) -> None:
-        """Add replicas, or remove the highest-numbered ones after they drain."""
-        self._check_open()
-        if not isinstance(num_replicas, int) or num_replicas < 1:
-            raise ValueError(f"num_replicas must be an integer >= 1, got {num_replicas!r}")
-        current = len(self.replicas)
-        if num_replicas > current:
-            new = [Replica(self, i) for i in range(current, num_replicas)]
-            self.replicas.extend(new)
-            for replica in new:
-                self._publish_state(replica, None, RECOVERING, "starting (scale up)")
-            results = await asyncio.gather(*(self._start_replica(r) for r in new), return_exceptions=True)
-            for replica, result in zip(new, results):
-                if isinstance(result, BaseException):
-                    self._set_state(replica, FAILED, f"failed to start: {result}")
-        for replica in reversed(self.replicas[num_replicas:]):
-            self._set_state(replica, STOPPED, f"removed by scale({num_replicas}); draining")
-            while replica.in_flight > 0:
-                await asyncio.sleep(0.01)
-            await replica.stop()
-            self.replicas.remove(replica)
-            self._router_errors.call(self.router.forget_replica, replica.index)
-
-    async def wait_for_state(self, index: int, state: str, timeout: float = 60.0) -> None:
-        """Wait until replica ``index`` is, or passes through, ``state``.
-
-        Event based, so a state that lasts no time at all (FAILED, right
-        before RECOVERING) is still seen.
-        """
-        if str(self._replica(index).state) == str(state):
-            return
-        reached = self.loop.create_future()
-
-        def watch(event) -> None:
-            if (isinstance(event, ReplicaStateChanged) and event.replica == index
-                    and event.new == str(state) and not reached.done()):
-                reached.set_result(None)
-
-        unsubscribe = self.events.subscribe(watch)
-        try:
-            await asyncio.wait_for(reached, timeout)
-        except asyncio.TimeoutError:
-            replica = self._replica(index)
-            raise TimeoutError(
-                f"replica {index} did not reach {state} within {timeout} s; "
-                f"it is {replica.state} ({replica.reason})"
-            ) from None
-        finally:
-            unsubscribe()
-
-    def _replica(self, index: int) -> Replica:
-        if not 0 <= index < len(self.replicas):
-            raise IndexError(f"no replica {index}: this service has replicas 0..{len(self.replicas) - 1}")
-        return self.replicas[index]
