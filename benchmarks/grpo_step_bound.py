@@ -33,13 +33,14 @@ from pathlib import Path
 import torch
 
 from forge_lite.actors.engines import SamplingConfig, make_engine
-from forge_lite.actors.hf_model import load_causal_lm, load_tokenizer, response_logits
+from forge_lite.actors.hf_model import load_causal_lm, load_tokenizer
 from forge_lite.actors.trainer import build_optimizer
 from forge_lite.assets import DEFAULT_MODEL, MATH_DATA_DIR
 from forge_lite.data.prompts import format_request
 from forge_lite.rl.collate import drop_padding_columns, grpo_collate
 from forge_lite.rl.episode import Group
-from forge_lite.rl.loss import grpo_loss, token_logprobs
+from forge_lite.rl.logprobs import response_logits, token_logprobs
+from forge_lite.rl.loss import grpo_loss
 
 PROMPTS, GROUP, MAX_TOKENS, REQUEST_LEN = 4, 8, 32, 96
 # FORGE_LITE_BENCH_RESULTS names another folder (the smoke tests' temporary one).

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from forge_lite.actors.hf_model import causal_lm_logits, load_causal_lm, load_tokenizer
+from forge_lite.actors.hf_model import load_causal_lm, load_tokenizer
 from forge_lite.assets import DEFAULT_MODEL, MATH_DATA_DIR
 from forge_lite.data.prompts import format_request
 from forge_lite.grpo import Episode
 from forge_lite.rl.collate import drop_padding_columns, grpo_collate
-from forge_lite.rl.loss import grpo_loss, response_logprobs
+from forge_lite.rl.logprobs import causal_lm_logits, response_logprobs
+from forge_lite.rl.loss import grpo_loss
 
 BATCH, REQUEST_LEN, RESPONSE_LEN = 32, 96, 32
 # FORGE_LITE_BENCH_RESULTS names another folder (the smoke tests' temporary one).

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import forge_lite  # noqa: F401  (before monarch)
-from forge_lite.actors.hf_model import causal_lm_logits, load_causal_lm, resolve_model
+from forge_lite.actors.hf_model import load_causal_lm, resolve_model
 from forge_lite.actors.reference_model import ReferenceModel
 from forge_lite.actors.replay_buffer import ReplayBuffer
 from forge_lite.actors.trainer import RLTrainer, TrainingConfig, build_optimizer, merge_dp_chunks
@@ -24,7 +24,7 @@ from forge_lite.assets import DEFAULT_MODEL
 from forge_lite.data.rewards import MathReward, ThinkingReward
 from forge_lite.grpo import ComputeAdvantages, DatasetActor, Episode, Group, RewardActor
 from forge_lite.rl.collate import grpo_collate
-from forge_lite.rl.loss import response_logprobs
+from forge_lite.rl.logprobs import causal_lm_logits, response_logprobs
 
 REQUEST_LEN, RESPONSE_LEN = 12, 8
 

@@ -8,9 +8,10 @@ import torch
 
 from forge_lite.actors.replay_buffer import LocalReplayBuffer
 from forge_lite.grpo import Episode, Group, create_episode_from_grpo_data, episode_from_completion
-from forge_lite.grpo.advantages import group_advantages
+from forge_lite.rl.advantages import group_advantages
 from forge_lite.rl.collate import drop_padding_columns, grpo_collate
-from forge_lite.rl.loss import grpo_loss, response_logprobs, token_logprobs
+from forge_lite.rl.logprobs import response_logprobs, token_logprobs
+from forge_lite.rl.loss import grpo_loss
 
 PAD = 0
 
@@ -57,6 +58,15 @@ def test_equal_rewards_give_zero_advantages():
 def test_group_of_one_gets_zero_and_a_warning():
     with pytest.warns(UserWarning, match="groups of 2 or more"):
         assert group_advantages([1.0]) == [0.0]
+
+
+def test_the_math_s_former_homes_still_import_it():
+    # Notebooks 01 and 02 import these from where they lived before forge_lite/rl/ held the math.
+    from forge_lite.grpo.advantages import group_advantages as from_grpo
+    from forge_lite.rl.loss import response_logprobs as from_loss
+
+    assert from_grpo is group_advantages
+    assert from_loss is response_logprobs
 
 
 # ---------------------------------------------------------------- episodes
@@ -143,8 +153,9 @@ def test_collate_shapes_and_dp_chunks():
 
 
 def test_dropping_padding_columns_keeps_every_real_tokens_logprob():
-    from forge_lite.actors.hf_model import causal_lm_logits, load_causal_lm, load_tokenizer
+    from forge_lite.actors.hf_model import load_causal_lm, load_tokenizer
     from forge_lite.assets import DEFAULT_MODEL
+    from forge_lite.rl.logprobs import causal_lm_logits
 
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     model = load_causal_lm(DEFAULT_MODEL, "float32", torch.device("cpu"))
@@ -181,8 +192,9 @@ def test_dropping_padding_columns_keeps_every_real_tokens_logprob():
 
 
 def test_each_request_run_once_gives_the_logprobs_and_gradients_of_whole_rows():
-    from forge_lite.actors.hf_model import causal_lm_logits, load_causal_lm, load_tokenizer, response_logits
+    from forge_lite.actors.hf_model import load_causal_lm, load_tokenizer
     from forge_lite.assets import DEFAULT_MODEL
+    from forge_lite.rl.logprobs import causal_lm_logits, response_logits
 
     REQUEST = 48
     tokenizer = load_tokenizer(DEFAULT_MODEL)

@@ -3,8 +3,9 @@
 Every import in the package's source counts, the ones inside functions too
 (a lazy import is still a dependency). A package is a module's folder:
 ``forge_lite.controller.service``, ``forge_lite.actors``, ``forge_lite.grpo``...
-Also: the controller layer knows nothing about RL, and a file holds one
-idea: none is over 500 lines unless its module docstring says why.
+Also: the controller layer knows nothing about RL, the RL math (logits ->
+logprobs -> advantages -> loss) lives in ``forge_lite/rl/``, and a file holds
+one idea: none is over 500 lines unless its module docstring says why.
 """
 
 import ast
@@ -124,6 +125,56 @@ def test_the_controller_layer_knows_nothing_about_rl():
     for package in ("forge_lite.controller", "forge_lite.controller.service", "forge_lite.controller.cluster"):
         rl = graph[package] & {"forge_lite.actors", "forge_lite.grpo", "forge_lite.rl", "forge_lite.data"}
         assert not rl, f"{package} imports {sorted(rl)}"
+
+
+RL = ROOT / "forge_lite" / "rl"
+# The operations each step of the math is made of, by the name it is called
+# with (torch.log_softmax, F.log_softmax and tensor.log_softmax alike).
+MATH_CALLS = {
+    "log_softmax": "logits -> logprobs",
+    "std": "rewards -> advantages (the group's spread)",
+    "expm1": "the k3 KL",
+}
+# The math's functions: each defined once, in rl/ (a copy elsewhere would drift).
+MATH_FUNCTIONS = ("causal_lm_logits", "response_logits", "token_logprobs", "response_logprobs",
+                  "group_advantages", "k3_kl", "response_kl", "policy_loss", "grpo_loss")
+
+
+def kit_files() -> list[Path]:
+    return sorted(list(ROOT.glob("forge_lite/**/*.py")))
+
+
+def called_name(call: ast.Call) -> str | None:
+    """``f`` for ``f(...)``, ``x.f(...)`` and ``torch.nn.functional.f(...)``."""
+    func = call.func
+    return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+
+
+def test_the_rl_math_is_computed_only_in_rl():
+    seen_in_rl, outside = set(), []
+    for path in kit_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = called_name(node) if isinstance(node, ast.Call) else None
+            if name not in MATH_CALLS:
+                continue
+            if path.is_relative_to(RL):
+                seen_in_rl.add(name)
+            else:
+                outside.append(f"{path.relative_to(ROOT)}:{node.lineno} calls {name} ({MATH_CALLS[name]})")
+    # The scan finds each operation where it belongs: it would not pass by finding nothing.
+    assert seen_in_rl == set(MATH_CALLS), f"not found under forge_lite/rl/: {set(MATH_CALLS) - seen_in_rl}"
+    assert not outside, "the RL math belongs in forge_lite/rl/ (call it from there): " + "; ".join(outside)
+
+
+def test_each_math_function_is_defined_once_in_rl():
+    homes: dict[str, list[str]] = {name: [] for name in MATH_FUNCTIONS}
+    for path in kit_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in homes:
+                homes[node.name].append(str(path.relative_to(ROOT)))
+    misplaced = {name: found for name, found in homes.items()
+                 if len(found) != 1 or not found[0].startswith("forge_lite/rl/")}
+    assert not misplaced, f"define each once, under forge_lite/rl/ (name: where defined now): {misplaced}"
 
 
 LONG = 500  # lines: past this a file usually holds more than one idea

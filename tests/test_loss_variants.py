@@ -30,8 +30,8 @@ import pytest
 import torch
 
 import forge_lite  # noqa: F401  (before monarch)
-from forge_lite.grpo.advantages import group_advantages
 from forge_lite.grpo.config import GRPOConfig, load_config
+from forge_lite.rl.advantages import group_advantages
 from forge_lite.rl.collate import grpo_collate
 from forge_lite.rl.episode import Episode
 from forge_lite.rl.loss import LOSS_TYPES, VARIANTS, aggregate, grpo_loss, policy_loss
@@ -504,9 +504,9 @@ def trainer_episodes(ratios_per_episode: list[list[float]], advantages: list[flo
     """Episodes of different lengths whose behaviour logprobs are the shipped
     model's minus log(ratio): the trainer, holding the shipped weights, sees
     these ratios (to float rounding)."""
-    from forge_lite.actors.hf_model import causal_lm_logits, load_causal_lm
+    from forge_lite.actors.hf_model import load_causal_lm
     from forge_lite.assets import DEFAULT_MODEL
-    from forge_lite.rl.loss import response_logprobs
+    from forge_lite.rl.logprobs import causal_lm_logits, response_logprobs
 
     generator = torch.Generator().manual_seed(0)
     model = load_causal_lm(DEFAULT_MODEL)

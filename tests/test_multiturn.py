@@ -12,7 +12,7 @@ import torch
 from conftest import count_children, wait_for_children
 from faulty_envs import NaNOnTurnTwoEnv, NoObservationEnv, SlowRetryEnv
 
-from forge_lite.actors.hf_model import causal_lm_logits, load_causal_lm
+from forge_lite.actors.hf_model import load_causal_lm
 from forge_lite.actors.policy import Policy
 from forge_lite.controller.service import FanoutError
 from forge_lite.controller.service.events import RequestFinished, RequestRouted, SessionMoved
@@ -20,7 +20,8 @@ from forge_lite.envs.actor import EnvironmentActor
 from forge_lite.grpo.multiturn import Trajectory, Turn, cache_summary, play_trajectory, tokenizer_for
 from forge_lite.rl.collate import grpo_collate
 from forge_lite.rl.episode import Episode
-from forge_lite.rl.loss import grpo_loss, response_kl, response_logprobs
+from forge_lite.rl.logprobs import causal_lm_logits, response_logprobs
+from forge_lite.rl.loss import grpo_loss, response_kl
 
 
 

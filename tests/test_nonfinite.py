@@ -23,7 +23,7 @@ import forge_lite  # noqa: F401  (before monarch)
 from forge_lite.actors.replay_buffer import LocalReplayBuffer, ReplayBuffer
 from forge_lite.data.rewards import MathReward
 from forge_lite.grpo import Episode, RewardActor
-from forge_lite.grpo.advantages import group_advantages
+from forge_lite.rl.advantages import group_advantages
 from forge_lite.rl.collate import grpo_collate
 from forge_lite.rl.loss import response_kl as rollout_k3_kl
 from forge_lite.rl.loss import grpo_loss, k3_kl

@@ -15,13 +15,13 @@ import torch
 
 import forge_lite  # noqa: F401  (before monarch)
 from conftest import count_children, pid_alive, wait_for_children, wait_for_exit
-from forge_lite.actors.hf_model import causal_lm_logits, load_causal_lm
+from forge_lite.actors.hf_model import load_causal_lm
 from forge_lite.actors.trainer import RLTrainer
 from forge_lite.assets import DEFAULT_MODEL
 from forge_lite.controller.actor import processes_of
 from forge_lite.grpo import Episode
 from forge_lite.rl.collate import grpo_collate
-from forge_lite.rl.loss import response_logprobs
+from forge_lite.rl.logprobs import causal_lm_logits, response_logprobs
 
 REQUEST_LEN, RESPONSE_LEN = 12, 8
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from forge_lite.actors.hf_model import load_causal_lm, response_logits
+from forge_lite.actors.hf_model import load_causal_lm
 from forge_lite.controller import ForgeActor
-from forge_lite.rl.loss import token_logprobs
+from forge_lite.rl.logprobs import response_logits, token_logprobs
 from monarch.actor import endpoint
 
 

@@ -67,13 +67,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from forge_lite.actors.default_store import Publisher, is_default, with_default_weight_store
-from forge_lite.actors.hf_model import default_device, load_causal_lm, response_logits
+from forge_lite.actors.hf_model import default_device, load_causal_lm
 from forge_lite.actors.optimizer import TrainingConfig, build_optimizer
 from forge_lite.actors.weights import WeightStore
 from forge_lite.controller import ForgeActor
 from forge_lite.controller.actor import processes_of
 from forge_lite.rl.collate import drop_padding_columns
-from forge_lite.rl.loss import grpo_loss, token_logprobs
+from forge_lite.rl.logprobs import response_logits, token_logprobs
+from forge_lite.rl.loss import grpo_loss
 from monarch.actor import current_rank, current_size, endpoint
 
 

@@ -1,6 +1,17 @@
-"""The RL math the actors and the GRPO loop share: an Episode and a Group of
-them, the collate that turns episodes into the trainer's tensors, and the
-GRPO loss. Plain PyTorch: no actors, no services, so both ``forge_lite.actors``
-(the trainer, the replay buffer, the reference model) and ``forge_lite.grpo``
+"""The RL math the actors and the GRPO loop share, in the order a step uses it:
+
+- ``episode``: an Episode (one response and what the trainer needs about
+  it) and a Group of them;
+- ``logprobs``: a model's logits -> per-token logprobs (the trainer, the
+  reference model and the transformers engine all compute them here);
+- ``advantages``: a group's rewards -> advantages (``group_advantages``);
+- ``collate``: episodes -> the trainer's tensors;
+- ``loss``: logprobs and advantages -> the GRPO loss and its variants, and
+  the k3 KL to the reference.
+
+Plain PyTorch (``response_logits`` also uses transformers' KV cache class):
+no actors, no services, so both ``forge_lite.actors`` (the trainer, the
+replay buffer, the reference model, the engine) and ``forge_lite.grpo``
 (the loop) build on it, and neither imports the other's way back.
+``tests/test_layout.py`` keeps this math here.
 """

@@ -1,4 +1,4 @@
-"""The policy losses (GRPO and the variants the field uses), and the logprobs they are computed from.
+"""The policy losses (GRPO and the variants the field uses), and the KL to the reference.
 
 Every variant scores each response token t of a sequence with advantage A
 through its importance ratio against the *behaviour* policy, the weights
@@ -37,57 +37,20 @@ What a masked position holds (padding, -inf, NaN, anything) never reaches
 the loss, its KL or its gradient: the logprob tensors are set to 0 there
 before any arithmetic (``unmasked``).
 
-``token_logprobs`` (under ``response_logprobs``) is the one place logits
-become per-token logprobs: the reference model and the trainer both call it,
-on logits from ``forge_lite.actors.hf_model.response_logits``, so the two can
-only differ by their weights.
+The logprobs come from ``forge_lite.rl.logprobs`` (logits -> logprobs),
+the advantages from ``forge_lite.rl.advantages``.
 """
 
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
+
+from forge_lite.rl.advantages import REWARD_SCALES
+# Also imported from here, where they used to live (notebook 01:
+# ``from forge_lite.rl.loss import grpo_loss, response_logprobs``).
+from forge_lite.rl.logprobs import response_logprobs, token_logprobs  # noqa: F401
 
 DEFAULT_BETA = 0.1
-
-
-def response_logprobs(logits: torch.Tensor, tokens: torch.Tensor, request_len: int) -> torch.Tensor:
-    """Logprobs of ``tokens[:, request_len:]`` under ``logits``: shape ``[B, L - request_len]``.
-
-    ``logits[:, i]`` is the model's prediction for ``tokens[:, i + 1]``, hence
-    the shift by one (``token_logprobs`` takes logits already shifted).
-    """
-    if tokens.dim() != 2 or logits.shape[:2] != tokens.shape:
-        raise ValueError(
-            f"need logits [B, L, V] and tokens [B, L], got {tuple(logits.shape)} and "
-            f"{tuple(tokens.shape)}"
-        )
-    check_request_len(request_len, tokens.shape[1])
-    return token_logprobs(logits[:, request_len - 1 : -1], tokens[:, request_len:])
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Logprobs ``[B, R]`` of ``tokens`` ``[B, R]`` under ``logits`` ``[B, R, V]``,
-    where ``logits[:, i]`` is the prediction for ``tokens[:, i]``.
-
-    The softmax runs in float32: in bfloat16 the logprobs of likely tokens
-    round to 0 and the KL term turns into noise.
-    """
-    if tokens.dim() != 2 or logits.shape[:2] != tokens.shape:
-        raise ValueError(
-            f"need logits [B, R, V] and tokens [B, R], got {tuple(logits.shape)} and {tuple(tokens.shape)}"
-        )
-    return F.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def check_request_len(request_len: int, length: int) -> None:
-    """ValueError unless a response token follows a request of ``request_len``
-    tokens in sequences of ``length`` tokens."""
-    if not 0 < request_len < length:
-        raise ValueError(
-            f"request_len={request_len} must be between 1 and the sequence length "
-            f"{length} minus 1, so that at least one response token follows"
-        )
 
 
 def unmasked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -141,9 +104,6 @@ def response_kl(
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo", "cispo", "sapo")
 #: How token terms become the loss (see ``aggregate``).
 AGGREGATIONS = ("sequence_mean", "token_mean", "constant_length")
-#: How a group's rewards become advantages (forge_lite.grpo.advantages):
-#: (r - mean) / std ("group"), or r - mean ("none").
-REWARD_SCALES = ("group", "none")
 
 #: Each variant's settings as its paper gives them; a config knob left null
 #: takes the variant's value. clip_low / clip_high bound the ratio to

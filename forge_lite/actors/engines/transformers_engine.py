@@ -37,8 +37,9 @@ its tokens are the same whatever else is in the batch. Unseeded samples, the
 common case, share the engine's generator and draw in one call.
 
 Log probabilities: `Completion.logprobs` holds the log-softmax of the raw
-logits (temperature 1, no top-p) at each sampled token, the same quantity the
-trainer and the reference model compute, and what vLLM reports by default
+logits (temperature 1, no top-p) at each sampled token, computed as the
+trainer and the reference model compute theirs (`forge_lite.rl.logprobs`),
+and what vLLM reports by default
 (`logprobs_mode="raw_logprobs"`). Temperature and top-p only shape the
 distribution that tokens are drawn from.
 """
@@ -53,6 +54,7 @@ import torch
 
 from forge_lite.actors.engines.base import Completion, Engine, SamplingConfig, check_prompt_fits
 from forge_lite.actors.engines.prefix_cache import CachedSequence, PrefixKVCache
+from forge_lite.rl.logprobs import token_logprobs
 
 
 @dataclass
@@ -405,10 +407,9 @@ def sample_tokens(
     draw together, in one call, from `shared_generator`.
     Returns the tokens [rows] (long) and their raw (temperature 1) logprobs [rows].
     """
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
     if rows.shared is None:  # the usual case: every row samples, from the shared generator
         tokens = torch.multinomial(_sampling_probs(logits, rows), 1, generator=shared_generator).squeeze(-1)
-        return tokens, raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+        return tokens, raw_logprobs(logits, tokens)
     tokens = logits.argmax(dim=-1)  # what greedy rows (temperature 0) keep
     if rows.any_sampled:
         probs = _sampling_probs(logits, rows)
@@ -418,7 +419,14 @@ def sample_tokens(
         # one call each (a small cost next to the step's forward pass).
         for row, generator in rows.seeded:
             tokens[row] = torch.multinomial(probs[row], 1, generator=generator)[0]
-    return tokens, raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, raw_logprobs(logits, tokens)
+
+
+def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Each row's logprob [rows] of its token [rows] under its logits [rows,
+    vocab] at temperature 1: the trainer's and the reference model's function
+    (`forge_lite.rl.logprobs.token_logprobs`), one position per row."""
+    return token_logprobs(logits[:, None], tokens[:, None])[:, 0]
 
 
 def _sampling_probs(logits: torch.Tensor, rows: RowSettings) -> torch.Tensor:
