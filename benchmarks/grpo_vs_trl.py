@@ -139,7 +139,7 @@ NOT_MATCHED = [
      "TRL runs in this one process with torch's default thread count (one per core)"),
     ("the trainer's forward pass",
      "forge_lite runs each of a step's 4 prompts once and the 8 responses of its group on a copy of "
-     "its KV cache (forge_lite.actors.hf_model.response_logits), on columns that are not padding in "
+     "its KV cache (forge_lite.rl.logprobs.response_logits), on columns that are not padding in "
      "every row; TRL runs each of the 32 prompt-and-completion rows whole, padded to the batch's "
      "longest. The logprobs and gradients are the same (to float rounding), the compute is not"),
     ("time during evaluations",

@@ -16,8 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
-    if parts[0] == "widgets":  # the repository's widgets/ installs as forge_lite.widgets
-        parts = ("forge_lite", *parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -37,7 +35,7 @@ def package_of(module: str, packages: set[str]) -> str | None:
 
 
 def package_graph() -> dict[str, set[str]]:
-    files = [*ROOT.glob("forge_lite/**/*.py"), *ROOT.glob("widgets/*.py")]
+    files = list(ROOT.glob("forge_lite/**/*.py"))
     packages = {module_name(f) for f in files if f.name == "__init__.py"}
     graph: dict[str, set[str]] = {p: set() for p in packages}
     for path in files:
@@ -89,7 +87,7 @@ def test_no_import_cycle_between_packages():
 def module_graph() -> dict[str, set[str]]:
     """Module -> the kit's modules it imports (``from a import b`` names the
     submodule ``a.b`` when there is one, else the module ``a``)."""
-    files = [*ROOT.glob("forge_lite/**/*.py"), *ROOT.glob("widgets/*.py")]
+    files = list(ROOT.glob("forge_lite/**/*.py"))
     modules = {module_name(f) for f in files}
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for path in files:

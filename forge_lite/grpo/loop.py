@@ -42,11 +42,10 @@ run (``GRPORun``, ``run_grpo``) is ``forge_lite.grpo.run``.
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable
+from typing import Awaitable, Callable
 
 from forge_lite.actors.weights import WeightStore
-from forge_lite.controller.service import FanoutError
-from forge_lite.controller.service.replica import ReplicaFailure
+from forge_lite.controller.errors import FanoutError, ReplicaFailure
 from forge_lite.grpo.checkpoint import save_if_due
 from forge_lite.rl.collate import grpo_collate
 from forge_lite.grpo.config import GRPOConfig
@@ -119,9 +118,14 @@ async def score(s: Services, group: Group) -> list[float]:
 async def train_loop(
     s: Services, config: GRPOConfig, recorder: MetricsRecorder, window: RolloutWindow,
     rollouts: list[asyncio.Task], store: WeightStore, start_step: int = 0,
+    after_step: Callable[[int], Awaitable[None]] | None = None,
 ) -> None:
     """Training steps ``start_step`` to ``config.steps - 1``, each publishing a new
-    policy version (a resumed run starts at its checkpoint's step, and version)."""
+    policy version (a resumed run starts at its checkpoint's step, and version).
+
+    ``after_step(steps_done)``, when given, is awaited after each step (and its
+    checkpoint), before the next batch is sampled: ``GRPORun`` evaluates there.
+    """
     version = start_step  # the weights the trainer holds, and every replica serves at the start
     for step in range(start_step, config.steps):
         episodes = await next_batch(s.replay_buffer, version, rollouts, window)
@@ -135,6 +139,8 @@ async def train_loop(
         recorder.record_versions(step, version, served)
         await record_step(recorder, s, step, version, episodes, first(trained), seconds, window.take())
         await save_if_due(s, config, recorder, step + 1, version)  # every config.checkpoint_every steps
+        if after_step is not None:
+            await after_step(step + 1)
 
 
 async def next_batch(

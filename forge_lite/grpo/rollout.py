@@ -130,11 +130,14 @@ class RolloutWindow:
     training loop through ``taken`` and ``take``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, in_buffer: int = 0) -> None:
         self.uniform_in_a_row = 0  # groups skipped since one reached the buffer (not per step)
-        # Episodes in the buffer that no step has taken yet (not per step).
-        self.in_buffer = 0
+        # Episodes in the buffer that no step has taken yet (not per step):
+        # a resumed run's buffer is not empty.
+        self.in_buffer = in_buffer
         self._room_changed = asyncio.Event()
+        self._running = asyncio.Event()  # cleared by pause(): no new round of groups starts
+        self._running.set()
         self._start()
 
     def _start(self) -> None:
@@ -149,16 +152,29 @@ class RolloutWindow:
         self.uniform_groups = 0  # of those, groups whose rewards were all equal
 
     async def room(self, batch_size: int) -> None:
-        """Wait while the buffer holds a whole batch that no step has taken.
+        """Wait while the buffer holds a whole batch that no step has taken,
+        or while the window is paused.
 
-        Rollouts beyond that would only wait in the buffer and age out (with
-        max_policy_age 1, measured: half of what four rollout tasks made),
-        while on a few cores their generation takes CPU from the trainer,
-        the slower of the two. One step ahead keeps the trainer fed.
+        Rollouts beyond one batch would only wait in the buffer and age out
+        (with max_policy_age 1, measured: half of what four rollout tasks
+        made), while on a few cores their generation takes CPU from the
+        trainer, the slower of the two. One step ahead keeps the trainer fed.
         """
-        while self.in_buffer >= batch_size:
-            self._room_changed.clear()
-            await self._room_changed.wait()
+        while True:
+            await self._running.wait()
+            while self.in_buffer >= batch_size:
+                self._room_changed.clear()
+                await self._room_changed.wait()
+            if self._running.is_set():  # not paused while it waited for room
+                return
+
+    def pause(self) -> None:
+        """No new round of groups starts until ``resume()`` (the groups already
+        generating finish): a held-out evaluation then has the policy to itself."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
 
     def buffered(self, count: int) -> None:
         """``count`` episodes entered the buffer."""

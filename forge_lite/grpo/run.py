@@ -41,7 +41,8 @@ from forge_lite.grpo import checkpoint
 from forge_lite.grpo.config import GRPOConfig, load_config
 from forge_lite.grpo.dataset import DatasetActor
 from forge_lite.grpo.evaluation import evaluate, load_eval_problems
-from forge_lite.grpo.loop import RolloutWindow, rollout_loop, train_loop
+from forge_lite.grpo.loop import rollout_loop, train_loop
+from forge_lite.grpo.rollout import RolloutWindow
 from forge_lite.grpo.multiturn import heldout_success
 from forge_lite.grpo.recorder import MetricsRecorder, StepRecord
 from forge_lite.grpo.results import GRPOResult, shown, write_outputs
@@ -263,8 +264,7 @@ class GRPORun:
         self.recorder.record_status(total_steps=config.steps, state="training", heldout_before=accuracy_before)
         interrupted = False
         began = time.perf_counter()
-        window = PausableWindow()
-        window.in_buffer = await self.services.replay_buffer.numel.call_one()  # resumed: not empty
+        window = RolloutWindow(in_buffer=await self.services.replay_buffer.numel.call_one())
         recorded_before = len(self.recorder.steps)
         self._rollouts = [
             asyncio.create_task(rollout_loop(self.services, config, self.pad_id, window))
@@ -312,34 +312,26 @@ class GRPORun:
                   flush=True)
         return result
 
-    async def _train_steps(self, window: PausableWindow) -> None:
+    async def _train_steps(self, window: RolloutWindow) -> None:
         """The training loop from ``start_step`` to ``config.steps``, stopping
-        for a held-out evaluation every ``evaluate_every`` steps."""
-        config, step = self.config, self.start_step
-        if self.evaluate_every is None:
-            await train_loop(self.services, config, self.recorder, window, self._rollouts,
-                             self.store, start_step=step)
-            return
-        # train_loop trains until config.steps: a copy of the config that ends
-        # at the next stop trains one stretch. Checkpoints are saved here, with
-        # the run's own config (a checkpoint keeps the config it resumes with).
-        every, saves = self.evaluate_every, config.checkpoint_every
-        stops = [s for s in range(step + 1, config.steps + 1)
-                 if s % every == 0 or (saves and s % saves == 0) or s == config.steps]
-        for stop in stops:
-            stretch = dataclasses.replace(config, steps=stop, checkpoint_every=None)
-            await train_loop(self.services, stretch, self.recorder, window, self._rollouts,
-                             self.store, start_step=step)
-            step = stop
-            await checkpoint.save_if_due(self.services, config, self.recorder, step, policy_version=step)
-            if step % every == 0 and step < config.steps:  # train() evaluates after the last step
-                window.pause()
-                try:
-                    self.recorder.record_status(state="evaluating")
-                    await self._heldout(step)
-                    self.recorder.record_status(state="training")
-                finally:
-                    window.resume()
+        for a held-out evaluation every ``evaluate_every`` steps: no new round
+        of rollouts starts meanwhile, and the training loop waits for it."""
+
+        async def evaluate_if_due(steps_done: int) -> None:
+            # train() evaluates after the last step itself.
+            if steps_done % self.evaluate_every or steps_done >= self.config.steps:
+                return
+            window.pause()
+            try:
+                self.recorder.record_status(state="evaluating")
+                await self._heldout(steps_done)
+                self.recorder.record_status(state="training")
+            finally:
+                window.resume()
+
+        await train_loop(self.services, self.config, self.recorder, window, self._rollouts, self.store,
+                         start_step=self.start_step,
+                         after_step=None if self.evaluate_every is None else evaluate_if_due)
 
     async def _heldout(self, step: int) -> float | None:
         """``evaluate()``, timed, kept in ``evaluations`` and given to ``on_evaluation``."""
@@ -422,30 +414,6 @@ async def run_grpo(
     finally:
         await run.shutdown()
     return result
-
-
-class PausableWindow(RolloutWindow):
-    """A ``RolloutWindow`` whose rollout loops can be held: each round of
-    groups starts in ``room()``, which waits while the window is paused
-    (a round already generating finishes)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._running = asyncio.Event()
-        self._running.set()
-
-    def pause(self) -> None:
-        self._running.clear()
-
-    def resume(self) -> None:
-        self._running.set()
-
-    async def room(self, batch_size: int) -> None:
-        while True:
-            await self._running.wait()
-            await super().room(batch_size)
-            if self._running.is_set():  # not paused while it waited for room
-                return
 
 
 def progress_listener(bar: tqdm):
