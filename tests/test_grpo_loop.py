@@ -34,7 +34,7 @@ from forge_lite.grpo.config import GRPOConfig, load_config
 from forge_lite.grpo.loop import rollout_group
 from forge_lite.grpo.rollout import MAX_UNIFORM_IN_A_ROW, RolloutWindow
 from forge_lite.grpo.run import GRPORun, run_grpo
-from forge_lite.grpo.services import Services
+from forge_lite.grpo.services import RunComponents
 from forge_lite.grpo.recorder import MetricsRecorder
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -213,7 +213,7 @@ async def test_a_group_with_equal_rewards_is_skipped_but_counted(components):
     )
     try:
         parts = {name: handle for name, handle in components.items() if name != "store"}
-        services = Services(**{**parts, "reward_actor": reward_actor})
+        services = RunComponents(**{**parts, "reward_actor": reward_actor})
         pad_id = await components["dataloader"].pad_token.call_one()
         buffer = components["replay_buffer"]
         await buffer.clear.call_one()
@@ -245,7 +245,7 @@ async def test_a_group_with_equal_rewards_is_skipped_but_counted(components):
 
 @pytest.mark.slow
 async def test_with_kl_samples_the_reference_scores_only_a_sample(components):
-    services = Services(**{name: handle for name, handle in components.items() if name != "store"})
+    services = RunComponents(**{name: handle for name, handle in components.items() if name != "store"})
     pad_id = await components["dataloader"].pad_token.call_one()
     config = GRPOConfig.from_dict({
         "group_size": 4, "trainer": {"beta": 0.0}, "reference": {"kl_samples": 1},

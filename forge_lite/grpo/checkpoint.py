@@ -119,7 +119,7 @@ async def save_checkpoint(s, config: GRPOConfig, recorder: MetricsRecorder, step
     Parameters
     ----------
     s:
-        The run's ``Services``; the trainer must be between steps (the
+        The run's ``RunComponents``; the trainer must be between steps (the
         rollouts may go on meanwhile).
     config:
         The run's config; saved with it. Its ``output_dir`` says where.

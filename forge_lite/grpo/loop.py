@@ -54,13 +54,13 @@ from forge_lite.grpo.evaluation import is_correct
 from forge_lite.grpo.multiturn import rollout_env_group
 from forge_lite.grpo.recorder import PHASES, MetricsRecorder
 from forge_lite.grpo.rollout import RolloutWindow, finish_group, reference_logprobs, timed
-from forge_lite.grpo.services import Services
+from forge_lite.grpo.services import RunComponents
 
 
 # ---------------------------------------------------------------- rollouts
 
 
-async def rollout_loop(s: Services, config: GRPOConfig, pad_id: int, window: RolloutWindow) -> None:
+async def rollout_loop(s: RunComponents, config: GRPOConfig, pad_id: int, window: RolloutWindow) -> None:
     """Rollouts until cancelled, ``config.prompts_per_rollout`` groups at a
     time; each round waits while the buffer already holds the next step's
     batch (see ``RolloutWindow.room``). With ``config.env.name`` set, each
@@ -85,7 +85,7 @@ async def rollout_loop(s: Services, config: GRPOConfig, pad_id: int, window: Rol
         await asyncio.gather(*(rollout(s, config, pad_id, window) for _ in range(config.prompts_per_rollout)))
 
 
-async def rollout_group(s: Services, config: GRPOConfig, pad_id: int, window: RolloutWindow) -> Group:
+async def rollout_group(s: RunComponents, config: GRPOConfig, pad_id: int, window: RolloutWindow) -> Group:
     """One prompt, ``group_size`` scored episodes with advantages, into the buffer
     (unless ``skip_uniform_groups`` and every reward is the same; ``finish_group``)."""
     sample = await s.dataloader.sample.call_one()
@@ -104,7 +104,7 @@ async def rollout_group(s: Services, config: GRPOConfig, pad_id: int, window: Ro
     return await finish_group(s, config, window, group, rewards, correct, tokens, ref_logprobs)
 
 
-async def score(s: Services, group: Group) -> list[float]:
+async def score(s: RunComponents, group: Group) -> list[float]:
     """Every response's reward: ``evaluate_response`` for each, in one call."""
     first = group.episodes[0]  # one prompt and one target for the whole group
     return await s.reward_actor.evaluate_responses.route(
@@ -116,7 +116,7 @@ async def score(s: Services, group: Group) -> list[float]:
 
 
 async def train_loop(
-    s: Services, config: GRPOConfig, recorder: MetricsRecorder, window: RolloutWindow,
+    s: RunComponents, config: GRPOConfig, recorder: MetricsRecorder, window: RolloutWindow,
     rollouts: list[asyncio.Task], store: WeightStore, start_step: int = 0,
     after_step: Callable[[int], Awaitable[None]] | None = None,
 ) -> None:
@@ -166,7 +166,7 @@ async def next_batch(
         await asyncio.sleep(0.01)
 
 
-async def sync_weights(s: Services, store: WeightStore, version: int) -> list[int]:
+async def sync_weights(s: RunComponents, store: WeightStore, version: int) -> list[int]:
     """The tutorial's weight sync: the trainer publishes ``version``, every
     policy replica loads it; then older versions leave the store (every
     replica serves the new one, and for a 1.7B model in bf16 each is 3.4 GB).
@@ -205,7 +205,7 @@ async def tolerate_lost_replicas(fanout: Awaitable[list]) -> list:
         return [error.results[index] for index in sorted(error.results)]
 
 
-async def replica_versions(s: Services) -> list[int]:
+async def replica_versions(s: RunComponents) -> list[int]:
     """The weight version each live policy replica serves."""
     return await tolerate_lost_replicas(s.policy.get_version.fanout())
 
@@ -216,7 +216,7 @@ def first(values):
 
 
 async def record_step(
-    recorder: MetricsRecorder, s: Services, step: int, version: int, episodes: list[Episode],
+    recorder: MetricsRecorder, s: RunComponents, step: int, version: int, episodes: list[Episode],
     trained: dict, seconds: dict[str, float], rollouts: RolloutWindow,
 ) -> None:
     """Record what training step ``step`` did (see the module docstring);

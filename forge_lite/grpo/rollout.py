@@ -31,7 +31,7 @@ from forge_lite.rl.loss import response_kl
 # multiturn.py's helpers (imported by notebook 06 on their own) do not need.
 if TYPE_CHECKING:
     from forge_lite.grpo.config import GRPOConfig
-    from forge_lite.grpo.services import Services
+    from forge_lite.grpo.services import RunComponents
 
 # With skip_uniform_groups, this many skipped groups in a row means the reward
 # cannot tell responses apart (the thinking reward on a model that always
@@ -56,7 +56,7 @@ def with_reference(group: Group, config: GRPOConfig) -> list[Episode]:
     return group.episodes[: config.reference.kl_samples]
 
 
-async def reference_logprobs(s: Services, config: GRPOConfig, group: Group) -> torch.Tensor:
+async def reference_logprobs(s: RunComponents, config: GRPOConfig, group: Group) -> torch.Tensor:
     """The reference model's logprobs of the responses ``with_reference``
     picks, ``[len(those episodes), response_len]``, in one call.
 
@@ -74,7 +74,7 @@ async def reference_logprobs(s: Services, config: GRPOConfig, group: Group) -> t
 
 
 async def finish_group(
-    s: Services, config: GRPOConfig, window: RolloutWindow, group: Group, rewards: list[float],
+    s: RunComponents, config: GRPOConfig, window: RolloutWindow, group: Group, rewards: list[float],
     correct: list[bool], tokens: int, ref_logprobs: torch.Tensor | None = None,
 ) -> Group:
     """The end of a rollout: ``group`` scored, into the replay buffer.

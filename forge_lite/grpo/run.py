@@ -46,7 +46,7 @@ from forge_lite.grpo.rollout import RolloutWindow
 from forge_lite.grpo.multiturn import heldout_success
 from forge_lite.grpo.recorder import MetricsRecorder, StepRecord
 from forge_lite.grpo.results import GRPOResult, shown, write_outputs
-from forge_lite.grpo.services import Services, check_placement, shutdown_all, start_services
+from forge_lite.grpo.services import RunComponents, check_placement, shutdown_all, start_services
 from forge_lite.paths import private_temp_dir
 
 
@@ -152,7 +152,7 @@ class GRPORun:
         self.on_evaluation = on_evaluation
         self.evaluations: list[HeldoutEvaluation] = []  # every held-out evaluation train() made
         self.recorder = MetricsRecorder() if recorder is None else recorder
-        self.services: Services | None = None
+        self.services: RunComponents | None = None
         self.store: WeightStore | ActorWeightStore | None = None
         self.eval_problems: list[dict] = []
         self.startup_s = 0.0

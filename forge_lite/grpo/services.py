@@ -1,6 +1,6 @@
 """The components of a GRPO run: started together, stopped together.
 
-``Services`` names each one and says what it is: a *service* (replicas
+``RunComponents`` names each one and says what it is: a *service* (replicas
 behind ``route`` / ``fanout``: the policy, the reference model, the reward
 functions) or an *actor* (one process mesh, called with Monarch's
 ``call_one`` / ``call``: the dataset, the trainer, the replay buffer, the
@@ -9,7 +9,7 @@ advantage computation).
 On a cluster (``forge_lite.attach_cluster``) the config's ``placement``
 section puts the policy, the reference model, the reward service and the
 trainer on the hosts it names (``options(on_hosts=...)``); the kit spreads
-the rest, least-occupied host first. ``Services.hosts()`` says where each
+the rest, least-occupied host first. ``RunComponents.hosts()`` says where each
 component ended up.
 """
 
@@ -41,8 +41,12 @@ from forge_lite.grpo.reward_actor import RewardActor
 
 
 @dataclass
-class Services:
-    """Every actor and service of a run (``eval_data`` is gone once read)."""
+class RunComponents:
+    """Every actor and service of a run (``eval_data`` is gone once read).
+
+    Named for what it holds, a run's *components*, so as not to be taken for
+    a ``Service``; code calls an instance ``s`` and a run keeps it as
+    ``run.services`` (most of its parts are services)."""
 
     dataloader: ActorMesh  # DatasetActor: sample(), pad_token()
     policy: ServiceInterface  # Policy: generate(), update_weights(), get_version()
@@ -84,7 +88,7 @@ def check_placement(config: GRPOConfig) -> None:
 
 async def start_services(
     config: GRPOConfig, store: WeightStore, policy_version: int | None = None
-) -> Services:
+) -> RunComponents:
     """Start every component concurrently; on any failure stop those that started.
 
     ``store`` is the run's weight store: the trainer publishes to it, the
@@ -172,7 +176,7 @@ async def start_services(
             [t.result() for t in tasks.values() if not t.cancelled() and t.exception() is None]
         )
         raise
-    return Services(**{name: task.result() for name, task in tasks.items()})
+    return RunComponents(**{name: task.result() for name, task in tasks.items()})
 
 
 async def shutdown_all(handles) -> None:
