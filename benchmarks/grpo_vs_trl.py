@@ -133,7 +133,7 @@ NOT_MATCHED = [
      "included, some from the previous weights); TRL's is the mean over the step's 32 completions"),
     ("reference model",
      "with beta 0 TRL loads no reference model; forge_lite's reference service still scores one "
-     "response per group (reference.kl_samples: 1) to report the KL, work TRL does not do"),
+     "response per group (ref_model.kl_samples: 1) to report the KL, work TRL does not do"),
     ("processes and threads",
      "forge_lite runs 7 processes besides this one, with 1 torch thread each (threads_per_process: 1); "
      "TRL runs in this one process with torch's default thread count (one per core)"),
@@ -194,7 +194,7 @@ _MATH = MathReward()
 
 
 def math_reward(prompts, completions, target, **kwargs) -> list[float]:
-    """TRL's reward function: forge_lite's reward service with ``reward.functions: [math]``
+    """TRL's reward function: forge_lite's reward service with ``reward_actor.functions: [math]``
     (the mean of one function, MathReward, of prompt, response and target).
     TRL passes the dataset's ``target`` column as a keyword."""
     return [float(_MATH(p, c, t)) for p, c, t in zip(prompts, completions, target)]
@@ -461,7 +461,7 @@ async def run_forge_lite(steps: int, eval_every: int, seed: int, problems: list[
     from forge_lite.grpo.recorder import StepRecord
 
     config = forge_lite_config(steps, RESULTS / "grpo_vs_trl" / f"forge_lite-{seed}")
-    assert config.reward.functions == ["math"], "TRL's reward function is MathReward alone"
+    assert config.reward_actor.functions == ["math"], "TRL's reward function is MathReward alone"
     assert (config.group_size, config.batch_size, config.policy.max_tokens) == (
         GROUP_SIZE, GROUP_SIZE * PROMPTS_PER_STEP, MAX_TOKENS)
     result = SideRun("forge_lite", seed, notes={

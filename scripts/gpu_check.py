@@ -263,7 +263,7 @@ async def one_gpu(args) -> None:
             Policy.options(with_gpus=cuda, gpu_share=config.policy.gpu_share).as_service(
                 engine_config={"backend": "transformers", "model": path},
                 sampling_config={"n": 2, "max_tokens": 8, "temperature": 1.0}),
-            ReferenceModel.options(with_gpus=cuda, gpu_share=config.reference.gpu_share).as_actor(model=path),
+            ReferenceModel.options(with_gpus=cuda, gpu_share=config.ref_model.gpu_share).as_actor(model=path),
             RLTrainer.options(with_gpus=cuda, gpu_share=config.trainer.gpu_share).as_actor(
                 model=path, optimizer={"name": "AdamW", "lr": 1e-3}, training={"seq_len": 64}),
         )

@@ -91,7 +91,7 @@ async def test_trl_trains_on_the_problems_forge_lite_serves_in_its_order(tokeniz
 
 
 async def test_trl_reward_function_gives_forge_lite_rewards(config):
-    assert config.reward.functions == ["math"]
+    assert config.reward_actor.functions == ["math"]
     prompt = bench.heldout_problems(bench.load_tokenizer(), 1)[0]["request"]
     cases = [(prompt, response, target) for response, target, *_ in MATH_EXAMPLES]
     cases += [

@@ -338,9 +338,10 @@ WEIGHT = 1.5  # every weight of a fake checkpoint's model
 
 
 def fake_checkpoint(root, step: int, config) -> os.PathLike:
-    """A checkpoint with the right files, written the way the loop writes one."""
+    """A checkpoint with the right files, written the way the loop writes one
+    (``config``: a GRPOConfig, or the dict an older kit wrote)."""
     return write_checkpoint(root, step, step, {
-        "config.yaml": config.to_dict(),
+        "config.yaml": config if isinstance(config, dict) else config.to_dict(),
         "trainer.pt": {"model": {"w": torch.full((256,), WEIGHT)}, "optimizer": {}, "scheduler": {},
                        "step": step},
         "replay_buffer.pt": {"episodes": tiny_episodes(), "rng_state": None},
@@ -540,6 +541,22 @@ def test_a_checkpoint_saved_before_digests_is_read_by_size_saying_so(tmp_path, c
     with pytest.raises(ValueError, match=r"trainer.pt cannot be read \(UnpicklingError\)") as refused:
         load_checkpoint(unsafe)
     assert "weights_only" not in str(refused.value)
+
+
+def test_a_checkpoint_saved_before_the_sections_were_renamed_still_resumes(tmp_path):
+    """Its config.yaml says ``reference`` and ``reward`` (now ``ref_model`` and
+    ``reward_actor``, in ``placement`` too): it resumes as the same config, warning."""
+    config = load_config(TINY, FAST + [f"output_dir={tmp_path}", "placement.ref_model=host1"])
+    saved = config.to_dict()
+    for section in (saved, saved["placement"]):
+        section["reference"], section["reward"] = section.pop("ref_model"), section.pop("reward_actor")
+    step10 = fake_checkpoint(tmp_path / "checkpoints", 10, saved)
+    assert "\nreference:\n" in (step10 / "config.yaml").read_text()
+    for read in (lambda: checkpoint.resume_config(step10, None), lambda: checkpoint.checkpoint_config(tmp_path)):
+        with pytest.warns(FutureWarning) as heard:
+            assert read() == config
+        assert "config key placement.reward is now placement.reward_actor" in {
+            str(w.message).split(" (")[0] for w in heard}
 
 
 def test_an_unreadable_file_is_refused_for_an_unprivileged_user(tmp_path, request):

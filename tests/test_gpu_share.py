@@ -38,7 +38,7 @@ def test_pack_gpus(visible, load, count, share, expected):
 def test_the_one_gpu_config_fits_one_gpu_and_the_four_gpu_one_does_not():
     one = load_config(os.path.join(ROOT, "configs", "grpo_qwen3_0_6b_one_gpu.yaml"))
     sections = [(one.policy.num_replicas, one.policy.gpu_share), (one.trainer.procs, one.trainer.gpu_share),
-                (one.reference.num_replicas, one.reference.gpu_share)]
+                (one.ref_model.num_replicas, one.ref_model.gpu_share)]
     load: dict[int, float] = {}
     for count, share in sections:
         taken = pack_gpus(count, share, [0], load)

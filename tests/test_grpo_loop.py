@@ -43,7 +43,7 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FAST = [
     "steps=3", "group_size=2", "batch_size=4", "num_rollout_tasks=2", "eval_samples=4",
     "policy.backend=transformers", "policy.max_tokens=32", "data.request_len=96",
-    "reference.kl_samples=null",  # every response's KL, so every step reports one
+    "ref_model.kl_samples=null",  # every response's KL, so every step reports one
 ]
 
 
@@ -66,17 +66,44 @@ def test_config_loads_with_dotted_overrides():
         GRPOConfig.from_dict({"group_size": 1})
     with pytest.raises(ValueError, match=r"batch_size \(6\) must divide evenly over trainer.procs \(4\)"):
         GRPOConfig.from_dict({"batch_size": 6, "trainer": {"procs": 4}})
-    with pytest.raises(ValueError, match="reward.functions"):
-        GRPOConfig.from_dict({"reward": {"functions": ["speed"]}})
+    with pytest.raises(ValueError, match="reward_actor.functions"):
+        GRPOConfig.from_dict({"reward_actor": {"functions": ["speed"]}})
     with pytest.raises(SystemExit):  # the CLI refuses it before starting anything
         cli_main(["--config", os.path.join(CONFIGS, "grpo_tiny.yaml"), "stepz=3"])
+
+
+def test_the_old_names_of_ref_model_and_reward_actor_load_with_a_warning(tmp_path):
+    """A file or override written before the sections took the handles' names
+    (``reference`` -> ``ref_model``, ``reward`` -> ``reward_actor``, in
+    ``placement`` too) loads as the new names say, warning once per key."""
+    old = tmp_path / "old.yaml"
+    old.write_text(f"base: {os.path.join(CONFIGS, 'grpo_tiny.yaml')}\n"
+                   "reference: {dtype: bfloat16}\nreward: {functions: [thinking]}\n"
+                   "placement: {reference: host1, reward: 1}\n")
+    with pytest.warns(FutureWarning) as heard:
+        config = load_config(old, ["reference.kl_samples=null"])  # the override's wins, as for any key
+    assert {str(w.message).split(" (")[0] for w in heard} == {
+        f"config key {where}{key} is now {where}{new}"
+        for where in ("", "placement.") for key, new in (("reference", "ref_model"), ("reward", "reward_actor"))
+    }
+    assert config == load_config(os.path.join(CONFIGS, "grpo_tiny.yaml"), [
+        "ref_model.dtype=bfloat16", "reward_actor.functions=[thinking]", "ref_model.kl_samples=null",
+        "placement.ref_model=host1", "placement.reward_actor=1",
+    ])
+    assert (config.ref_model.dtype, config.ref_model.kl_samples, config.placement.reward_actor) == ("bfloat16", None, 1)
+
+    # Any other unknown key is still an error that names it, under an old section too.
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['referee'\].*'ref_model'"):
+        GRPOConfig.from_dict({"referee": {"dtype": "bfloat16"}})
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match=r"\['ref_model.functions'\]"):
+        GRPOConfig.from_dict({"reference": {"functions": ["math"]}})
 
 
 def test_gpu_config_names_the_tutorial_setup():
     config = load_config(os.path.join(CONFIGS, "grpo_qwen3_1_7b.yaml"))
     assert config.model == "Qwen/Qwen3-1.7B"
     assert config.data.path == "openai/gsm8k"
-    assert config.policy.with_gpus and config.trainer.with_gpus and config.reference.with_gpus
+    assert config.policy.with_gpus and config.trainer.with_gpus and config.ref_model.with_gpus
     assert config.policy.backend == "vllm"
 
 
@@ -248,7 +275,7 @@ async def test_with_kl_samples_the_reference_scores_only_a_sample(components):
     services = RunComponents(**{name: handle for name, handle in components.items() if name != "store"})
     pad_id = await components["dataloader"].pad_token.call_one()
     config = GRPOConfig.from_dict({
-        "group_size": 4, "trainer": {"beta": 0.0}, "reference": {"kl_samples": 1},
+        "group_size": 4, "trainer": {"beta": 0.0}, "ref_model": {"kl_samples": 1},
         "policy": {"max_tokens": 32}, "data": {"request_len": 96},
     })
     try:

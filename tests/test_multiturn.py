@@ -381,7 +381,7 @@ async def test_a_five_step_multi_turn_grpo_run_records_every_step_and_leaves_no_
     result = await run_grpo({
         "steps": 5, "group_size": 4, "batch_size": 8, "eval_samples": 8, "output_dir": str(tmp_path),
         "policy": {"backend": "transformers", "max_tokens": 24, "num_replicas": 2},
-        "trainer": {"lr": 1e-4, "beta": 0.0}, "reference": {"kl_samples": 1},
+        "trainer": {"lr": 1e-4, "beta": 0.0}, "ref_model": {"kl_samples": 1},
         "data": {"request_len": 96},
         "env": {"name": "retry", "max_turns": 2, "response_len": 96},
     }, recorder=recorder)

@@ -67,9 +67,9 @@ def test_the_reported_kl_is_the_mean_over_the_scored_responses():
 
 
 def test_kl_samples_needs_beta_zero():
-    config = GRPOConfig.from_dict({"trainer": {"beta": 0.0}, "reference": {"kl_samples": 1}})
-    assert config.reference.kl_samples == 1
-    with pytest.raises(ValueError, match="reference.kl_samples=1 needs trainer.beta: 0"):
-        GRPOConfig.from_dict({"trainer": {"beta": 0.1}, "reference": {"kl_samples": 1}})
-    with pytest.raises(ValueError, match="reference.kl_samples must be >= 1"):
-        GRPOConfig.from_dict({"trainer": {"beta": 0.0}, "reference": {"kl_samples": 0}})
+    config = GRPOConfig.from_dict({"trainer": {"beta": 0.0}, "ref_model": {"kl_samples": 1}})
+    assert config.ref_model.kl_samples == 1
+    with pytest.raises(ValueError, match="ref_model.kl_samples=1 needs trainer.beta: 0"):
+        GRPOConfig.from_dict({"trainer": {"beta": 0.1}, "ref_model": {"kl_samples": 1}})
+    with pytest.raises(ValueError, match="ref_model.kl_samples must be >= 1"):
+        GRPOConfig.from_dict({"trainer": {"beta": 0.0}, "ref_model": {"kl_samples": 0}})

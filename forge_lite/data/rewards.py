@@ -379,5 +379,5 @@ if ThinkingReward.__doc__:
     )
 
 
-#: The reward functions a GRPO config can name (``reward.functions``).
+#: The reward functions a GRPO config can name (``reward_actor.functions``).
 REWARD_FUNCTIONS = {"math": MathReward, "thinking": ThinkingReward}

@@ -17,6 +17,7 @@ are ``GRPOConfig.__post_init__``'s.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -35,7 +36,12 @@ REWARD_FUNCTION_NAMES = tuple(REWARD_FUNCTIONS)
 #: The environments a config can name (``env.name``).
 ENVIRONMENT_NAMES = tuple(ENVIRONMENTS)
 #: The components a config's ``placement`` section can put on named hosts.
-PLACED_COMPONENTS = ("policy", "reference", "reward", "trainer")
+PLACED_COMPONENTS = ("policy", "ref_model", "reward_actor", "trainer")
+#: Keys renamed so that the config says what the run's handles say
+#: (``s.ref_model``, ``s.reward_actor``, the tutorial's names): old -> new, as
+#: sections and as ``placement`` keys. A file, an override or a checkpoint
+#: written with an old key still loads, with a warning (``GRPOConfig.from_dict``).
+RENAMED_KEYS = {"reference": "ref_model", "reward": "reward_actor"}
 
 
 @dataclass
@@ -189,7 +195,7 @@ class EnvConfig:
 
     With a name, each rollout plays ``group_size`` trajectories of the
     environment (``forge_lite.grpo.multiturn``): the problems, the prompts
-    and the rewards are the environment's (``data`` and ``reward`` are not
+    and the rewards are the environment's (``data`` and ``reward_actor`` are not
     used for them), ``policy.max_tokens`` bounds each model turn and
     ``response_len`` the whole trajectory after the prompt.
     """
@@ -224,8 +230,8 @@ class PlacementConfig:
     """
 
     policy: str | int | list | None = None
-    reference: str | int | list | None = None
-    reward: str | int | list | None = None
+    ref_model: str | int | list | None = None
+    reward_actor: str | int | list | None = None
     trainer: str | int | list | None = None
 
     def hosts(self, component: str) -> tuple | None:
@@ -283,8 +289,8 @@ class GRPOConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
+    ref_model: ReferenceConfig = field(default_factory=ReferenceConfig)  # the service s.ref_model
+    reward_actor: RewardConfig = field(default_factory=RewardConfig)  # the service s.reward_actor
     env: EnvConfig = field(default_factory=EnvConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
 
@@ -306,13 +312,13 @@ class GRPOConfig:
             ("policy.num_replicas", 1),
             ("policy.max_tokens", 1),
             ("policy.max_concurrent_requests", 1),
-            ("reference.num_replicas", 1),
-            ("reward.num_replicas", 1),
+            ("ref_model.num_replicas", 1),
+            ("reward_actor.num_replicas", 1),
             ("data.request_len", 1),
             ("threads_per_process", 1),
             ("trainer.procs", 1),
             ("trainer.warmup_steps", 0),
-            ("reference.kl_samples", 1),
+            ("ref_model.kl_samples", 1),
             ("checkpoint_every", 1),
             ("env.max_turns", 1),
             ("env.response_len", 2),
@@ -334,9 +340,9 @@ class GRPOConfig:
             raise ValueError(f"tracking must be 'none' or 'tensorboard', got {self.tracking!r}")
         if self.weights not in WEIGHT_STORE_KINDS:
             raise ValueError(f"weights must be one of {list(WEIGHT_STORE_KINDS)}, got {self.weights!r}")
-        if self.reference.kl_samples is not None and self.trainer.beta:
+        if self.ref_model.kl_samples is not None and self.trainer.beta:
             raise ValueError(
-                f"reference.kl_samples={self.reference.kl_samples} needs trainer.beta: 0 (it is "
+                f"ref_model.kl_samples={self.ref_model.kl_samples} needs trainer.beta: 0 (it is "
                 f"{self.trainer.beta}): the KL penalty needs every response's reference logprobs"
             )
         if self.batch_size % self.trainer.procs:
@@ -357,11 +363,11 @@ class GRPOConfig:
                     host_names(value)  # the check options(on_hosts=...) makes
                 except ValueError as error:
                     raise ValueError(f"placement.{component}: {error}") from None
-        unknown = [f for f in self.reward.functions if f not in REWARD_FUNCTION_NAMES]
-        if unknown or not self.reward.functions:
+        unknown = [f for f in self.reward_actor.functions if f not in REWARD_FUNCTION_NAMES]
+        if unknown or not self.reward_actor.functions:
             raise ValueError(
-                f"reward.functions must name one or more of {list(REWARD_FUNCTION_NAMES)}, "
-                f"got {self.reward.functions}"
+                f"reward_actor.functions must name one or more of {list(REWARD_FUNCTION_NAMES)}, "
+                f"got {self.reward_actor.functions}"
             )
 
     def _resolve_loss(self) -> None:
@@ -387,8 +393,12 @@ class GRPOConfig:
 
     @classmethod
     def from_dict(cls, values: dict | None) -> GRPOConfig:
-        """Build from nested dicts (a parsed YAML file); missing keys keep their defaults."""
-        return build(cls, values or {})
+        """Build from nested dicts (a parsed YAML file); missing keys keep their defaults.
+
+        An old key of ``RENAMED_KEYS`` (``reference``, ``reward``) is read as
+        its new name with a FutureWarning; any other unknown key is a
+        ValueError naming it."""
+        return build(cls, _renamed(values or {}))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -408,6 +418,30 @@ def load_config(
     for override in overrides:
         apply_override(values, override)
     return GRPOConfig.from_dict(values)
+
+def _renamed(values: dict, where: str = "") -> dict:
+    """``values`` with each old key of ``RENAMED_KEYS`` under its new name, in
+    ``placement`` too, warning once per key. Given both names, the one later in
+    ``values`` wins, key by key: an override's over its file's, as for any key."""
+    if not isinstance(values, dict):
+        return values  # build names what is wrong with it
+    renamed: dict = {}
+    for key, value in values.items():
+        if key == "placement" and not where:
+            value = _renamed(value, "placement.")
+        new = RENAMED_KEYS.get(key, key)
+        if new != key:
+            # FutureWarning, not DeprecationWarning: Python shows it by default.
+            warnings.warn(
+                f"config key {where}{key} is now {where}{new} (the run's s.{new}); "
+                f"read as {where}{new}: rename it in your YAML or override",
+                FutureWarning, stacklevel=3,
+            )
+        if isinstance(renamed.get(new), dict) and isinstance(value, dict):
+            value = {**renamed[new], **value}
+        renamed[new] = value
+    return renamed
+
 
 def _get(config: GRPOConfig, dotted: str) -> Any:
     value: Any = config

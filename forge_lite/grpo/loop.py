@@ -246,6 +246,6 @@ async def record_step(
 
 def mean_kl(episodes: list[Episode]) -> float:
     """The batch's KL to the reference: the mean over the responses the
-    reference scored (every one, or a sample with ``reference.kl_samples``)."""
+    reference scored (every one, or a sample with ``ref_model.kl_samples``)."""
     kls = [e.behaviour_kl for e in episodes if e.behaviour_kl is not None]
     return sum(kls) / len(kls) if kls else float("nan")

@@ -52,8 +52,8 @@ async def timed(seconds: dict[str, float], phase: str, awaitable: Awaitable[T]) 
 
 def with_reference(group: Group, config: GRPOConfig) -> list[Episode]:
     """The episodes the reference model scores: every one, or (with
-    ``reference.kl_samples``, when beta is 0) the first kl_samples."""
-    return group.episodes[: config.reference.kl_samples]
+    ``ref_model.kl_samples``, when beta is 0) the first kl_samples."""
+    return group.episodes[: config.ref_model.kl_samples]
 
 
 async def reference_logprobs(s: RunComponents, config: GRPOConfig, group: Group) -> torch.Tensor:

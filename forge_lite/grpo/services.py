@@ -143,14 +143,14 @@ async def start_services(
         ),
         "compute_advantages": ComputeAdvantages.options(procs=1).as_actor(scale=c.loss.scale_rewards),
         "ref_model": ReferenceModel.options(
-            procs=1, num_replicas=c.reference.num_replicas,
-            with_gpus=c.reference.with_gpus, gpu_share=c.reference.gpu_share,
-            on_hosts=c.placement.hosts("reference"),
-        ).as_service(model=c.model, dtype=c.reference.dtype),
+            procs=1, num_replicas=c.ref_model.num_replicas,
+            with_gpus=c.ref_model.with_gpus, gpu_share=c.ref_model.gpu_share,
+            on_hosts=c.placement.hosts("ref_model"),
+        ).as_service(model=c.model, dtype=c.ref_model.dtype),
         "reward_actor": RewardActor.options(
-            procs=1, num_replicas=c.reward.num_replicas, on_hosts=c.placement.hosts("reward"),
+            procs=1, num_replicas=c.reward_actor.num_replicas, on_hosts=c.placement.hosts("reward_actor"),
         ).as_service(
-            reward_functions=[REWARD_FUNCTIONS[name]() for name in c.reward.functions]
+            reward_functions=[REWARD_FUNCTIONS[name]() for name in c.reward_actor.functions]
         ),
     }
     if c.env.name is not None:

@@ -361,7 +361,7 @@ def policy_loss(
             raise ValueError(
                 f"the KL penalty (beta={beta}) needs the reference model's logprobs of every "
                 "response, but the batch has none; score every response with the reference "
-                "(reference.kl_samples unset) or set beta to 0"
+                "(ref_model.kl_samples unset) or set beta to 0"
             )
         per_token = per_token + beta * k3_kl(ref_logprobs, policy, mask)
     per_token = unmasked(per_token.expand_as(policy), mask)
