@@ -23,5 +23,15 @@ from forge_lite.controller.cluster import (  # noqa: E402
 )
 from forge_lite.controller.cluster import current as cluster  # noqa: E402
 
-__all__ = ["ForgeActor", "attach_cluster", "attach_job", "cluster", "detach_cluster"]
+__all__ = ["ForgeActor", "LocalHosts", "attach_cluster", "attach_job", "cluster", "detach_cluster"]
+
+
+def __getattr__(name: str):
+    # LocalHosts (a cluster of workers on this machine, notebook 05) on first
+    # use: every worker process imports this package and needs none of it.
+    if name == "LocalHosts":
+        from forge_lite.local_hosts import LocalHosts
+
+        return LocalHosts
+    raise AttributeError(f"module 'forge_lite' has no attribute {name!r}")
 __version__ = "0.1.0"

@@ -13,7 +13,8 @@ on this machine. Run workers only on a trusted network.
 
 To play a cluster of several hosts on one machine (notebook 05, the tests,
 the benchmarks), ``forge_lite.local_hosts.LocalHosts`` starts such workers
-here; it is re-exported from this module, where the notebooks import it.
+here; notebooks import it as ``from forge_lite import LocalHosts`` (this
+module re-exports it too, for older code).
 """
 
 from __future__ import annotations

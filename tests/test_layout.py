@@ -5,10 +5,17 @@ Every import in the package's source counts, the ones inside functions too
 ``forge_lite.controller.service``, ``forge_lite.actors``, ``forge_lite.grpo``...
 Also: the controller layer knows nothing about RL, the RL math (logits ->
 logprobs -> advantages -> loss) lives in ``forge_lite/rl/``, and a file holds
-one idea: none is over 500 lines unless its module docstring says why.
+one idea: none is over 500 lines unless its module docstring says why. A
+learner imports from a few documented places (README, "What a learner
+imports"), the notebooks too.
 """
 
 import ast
+import importlib
+import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,3 +201,42 @@ def test_no_file_is_over_500_lines_without_a_reason_at_its_top():
     assert not unexplained, (
         f"over {LONG} lines, with no '{REASON} ...' in the module docstring: " + ", ".join(unexplained)
     )
+
+
+# The re-exports of README's "What a learner imports": place -> {name: the module defining it}.
+DOCUMENTED = {
+    "forge_lite": {"LocalHosts": "forge_lite.local_hosts"},
+    "forge_lite.controller.service": {
+        **{name: "forge_lite.controller.service.events" for name in (
+            "RequestRouted", "RequestFinished", "RequestRetried", "ReplicaStateChanged", "HostStateChanged",
+            "SessionStarted", "SessionMoved", "SessionEnded", "ServiceStopped")},
+        "Router": "forge_lite.controller.service.router",
+    },
+    "forge_lite.rl": {"response_logprobs": "forge_lite.rl.logprobs", "group_advantages": "forge_lite.rl.advantages",
+                      "grpo_loss": "forge_lite.rl.loss"},
+}
+# The module paths behind them, which the notebooks do not import from.
+DEEP = re.compile(r"from forge_lite\.(controller\.service\.(events|router)|grpo\.advantages|worker"
+                  r"|rl\.(logprobs|advantages|loss)) import")
+
+
+def test_a_learner_imports_from_a_few_documented_places():
+    for place, names in DOCUMENTED.items():
+        module = importlib.import_module(place)
+        for name, home in names.items():
+            assert getattr(module, name) is getattr(importlib.import_module(home), name), f"{place}.{name}"
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) >= 6
+    deep = [f"{notebook.name}: {line.strip()}"
+            for notebook in notebooks for cell in json.loads(notebook.read_text())["cells"]
+            if cell["cell_type"] == "code" for line in "".join(cell["source"]).splitlines() if DEEP.search(line)]
+    assert not deep, f"import these from the places README lists: {deep}"
+
+
+def test_the_re_exports_load_nothing_until_used():
+    """A worker process imports forge_lite, a RewardActor replica forge_lite.rl's
+    package: neither pays for LocalHosts or torch until a name is used."""
+    code = ("import sys, forge_lite, forge_lite.rl; "
+            "print(sorted(m for m in ('torch', 'forge_lite.local_hosts') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr

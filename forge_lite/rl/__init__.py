@@ -14,4 +14,30 @@ no actors, no services, so both ``forge_lite.actors`` (the trainer, the
 replay buffer, the reference model, the engine) and ``forge_lite.grpo``
 (the loop) build on it, and neither imports the other's way back.
 ``tests/test_layout.py`` keeps this math here.
+
+The functions a learner calls by hand (notebooks 01-02) are importable from
+here: ``from forge_lite.rl import group_advantages, grpo_loss,
+response_logprobs``. They are imported on first use: importing any module
+of this package runs this file, and a light process (a RewardActor replica)
+should not load torch for it.
 """
+
+import importlib
+
+_HOMES = {
+    "response_logprobs": "forge_lite.rl.logprobs",
+    "group_advantages": "forge_lite.rl.advantages",
+    "grpo_loss": "forge_lite.rl.loss",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'forge_lite.rl' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
