@@ -33,6 +33,7 @@ SHORT_RUNS = {
     "grpo_vs_trl": (["--steps", "4", "--eval-every", "2"], "grpo_vs_trl.json"),
     "hosts": (["--warmup", "2", "--sequential", "10", "--rounds", "1", "--callers", "4",
                "--calls-per-caller", "2", "--throughput-rounds", "1", "--loss-callers", "4"], "hosts.json"),
+    "loop_cpu": (["steps=3"], "loop_cpu.json"),
     "multiturn": (["--part", "cache", "--tasks", "retry", "steps=1"], "multiturn.json"),
     "notebook_overhead": (["--steps", "2"], "notebook_overhead.json"),
     "policy": (["--prompts", "4", "--max-tokens", "4", "--rounds", "1", "--conversations", "2", "--turns", "2"],
@@ -71,6 +72,12 @@ def checks(name: str, numbers: dict) -> None:
         assert [[e["step"] for e in run["evals"]] for run in numbers["runs"]] == [[0, 2, 4]] * 2
     elif name == "hosts":
         assert numbers["overhead"] and numbers["losses"]
+    elif name == "loop_cpu":
+        run = numbers["runs"][0]
+        assert run["steps"] == 3 and run["steps_per_min"] > 0 and run["groups_per_step"] > 0
+        # Every process of the run was found and measured.
+        assert {"controller", "policy", "rltrainer", "referencemodel", "rewardactor", "light_actors"} <= set(run["cpu_s"])
+        assert all(seconds > 0 for seconds in run["cpu_s"].values())
     elif name == "multiturn":
         assert set(numbers["cache"]["retry"]) == {"sessions", "round robin", "prefix router"}
         assert [mode["steps"] for mode in numbers["cache"]["retry"].values()] == [1, 1, 1]  # steps=1 obeyed
