@@ -206,10 +206,30 @@ class RLTrainer(ForgeActor):
     def train_step(self, inputs: list[dict], targets: list[dict], with_metrics: bool = False) -> float | dict:
         """One optimizer step on the batch; returns the whole batch's loss before the step.
 
+        ``inputs`` and ``targets`` are what ``grpo_collate`` (or the replay
+        buffer's ``sample``) returns: one dict each per data-parallel chunk,
+        ``B`` sequences a chunk, request of ``Lq`` and response of ``R`` tokens:
+
+        - ``inputs[i]``: ``"tokens"`` int64 ``[B, Lq + R]`` (request left-padded,
+          then response), ``"attention_mask"`` ``[B, Lq + R]`` (optional);
+        - ``targets[i]``: ``"response"`` int64 ``[B, R]``, ``"advantages"``
+          float ``[B, 1]``, ``"padding_mask"`` bool ``[B, R]`` (the tokens that
+          carry loss), and, when the episodes have them, ``"ref_logprobs"``
+          and ``"behaviour_logprobs"`` float ``[B, R]`` (the reference
+          model's, and the sampler's: the importance ratio's denominator).
+
         ``with_metrics=True`` returns ``{"loss": ..., "clip_fraction": ...}``
         instead: the share of the batch's ratios (tokens, or sequences under
         GSPO) whose gradient the loss's clip changed; NaN for a loss that
         reports none (SAPO, or a plain scalar loss).
+
+        Raises ValueError when the chunks do not match each other or the
+        trainer's ranks (``procs``), or a sequence is longer than
+        ``training["seq_len"]``; RuntimeError when a multi-rank trainer was
+        not started through ``as_actor``/``as_service`` (its ranks are not
+        connected). Non-finite rewards, advantages and logprobs are refused
+        before they get here, where episodes are added and collated
+        (``forge_lite.rl.episode.check_finite``).
         """
         if self.world_size > 1 and not dist.is_initialized():
             raise RuntimeError(
