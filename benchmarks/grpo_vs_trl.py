@@ -110,7 +110,8 @@ NOT_MATCHED = [
     ("asynchrony and staleness",
      "forge_lite's rollouts run beside training (one rollout loop, 6 prompts at a time, max_policy_age "
      "1): a batch may have "
-     "been sampled by weights one version old, and is treated as on-policy (no importance ratio); "
+     "been sampled by weights one version old; its loss takes the importance ratio against the "
+     "logprobs the sampler returned, clipped at 1 +- 0.2 (loss.type grpo); "
      "TRL generates, then trains, with the same weights: strictly on-policy and sequential"),
     ("learning-rate schedule shape",
      "both warm up over 10 steps and fall linearly to 0 at the last step, but TRL's (transformers' "
