@@ -22,16 +22,12 @@ from forge_lite.controller.cluster import (  # noqa: E402
     detach_cluster,
 )
 from forge_lite.controller.cluster import current as cluster  # noqa: E402
+from forge_lite.lazy import lazy_exports  # noqa: E402
 
 __all__ = ["ForgeActor", "LocalHosts", "attach_cluster", "attach_job", "cluster", "detach_cluster"]
 
+# LocalHosts (a cluster of workers on this machine, notebook 05) on first
+# use: every worker process imports this package and needs none of it.
+__getattr__ = lazy_exports(__name__, {"LocalHosts": "forge_lite.local_hosts"})[0]
 
-def __getattr__(name: str):
-    # LocalHosts (a cluster of workers on this machine, notebook 05) on first
-    # use: every worker process imports this package and needs none of it.
-    if name == "LocalHosts":
-        from forge_lite.local_hosts import LocalHosts
-
-        return LocalHosts
-    raise AttributeError(f"module 'forge_lite' has no attribute {name!r}")
 __version__ = "0.1.0"

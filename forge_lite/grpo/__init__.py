@@ -13,7 +13,7 @@ Names are imported on first use: a RewardActor replica then loads only the
 reward code, not torch (seconds of CPU per process).
 """
 
-import importlib
+from forge_lite.lazy import lazy_exports
 
 _HOMES = {
     "ComputeAdvantages": "forge_lite.grpo.advantages",
@@ -34,12 +34,4 @@ _HOMES = {
 
 __all__ = sorted(_HOMES)
 
-
-def __getattr__(name: str):
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module 'forge_lite.grpo' has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

@@ -22,7 +22,7 @@ of this package runs this file, and a light process (a RewardActor replica)
 should not load torch for it.
 """
 
-import importlib
+from forge_lite.lazy import lazy_exports
 
 _HOMES = {
     "response_logprobs": "forge_lite.rl.logprobs",
@@ -32,12 +32,4 @@ _HOMES = {
 
 __all__ = sorted(_HOMES)
 
-
-def __getattr__(name: str):
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module 'forge_lite.rl' has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)
