@@ -58,6 +58,9 @@ is already in forge_lite's order), ``gradient_checkpointing=False``
 ``fp16=False`` and the model loaded in float32 (forge_lite's trainer dtype),
 ``use_cpu=True``, ``logging_steps=1``, ``report_to="none"``, ``seed``.
 
+Neither side runs a reference model: with ``beta=0.0`` TRL loads none,
+and ``configs/grpo_tiny.yaml`` starts none (``ref_model.kl_samples: 0``).
+
 What cannot be matched, and why, follows (``NOT_MATCHED``; it is printed
 with the results too).
 """
@@ -108,8 +111,8 @@ NOT_MATCHED = [
      "uniform group's advantages are 0, so it adds no gradient but still counts in the mean over 32 "
      "sequences (the step is scaled down by the uniform share)"),
     ("asynchrony and staleness",
-     "forge_lite's rollouts run beside training (one rollout loop, 6 prompts at a time, max_policy_age "
-     "1): a batch may have "
+     "forge_lite's rollouts run beside training (one rollout loop, 6 prompts at a time, up to 2 "
+     "batches ahead of the trainer, max_policy_age 1): a batch may have "
      "been sampled by weights one version old; its loss takes the importance ratio against the "
      "logprobs the sampler returned, clipped at 1 +- 0.2 (loss.type grpo); "
      "TRL generates, then trains, with the same weights: strictly on-policy and sequential"),
@@ -132,12 +135,11 @@ NOT_MATCHED = [
     ("sampled reward per step",
      "forge_lite's is the mean over every response scored since the previous step (skipped groups "
      "included, some from the previous weights); TRL's is the mean over the step's 32 completions"),
-    ("reference model",
-     "with beta 0 TRL loads no reference model; forge_lite's reference service still scores one "
-     "response per group (ref_model.kl_samples: 1) to report the KL, work TRL does not do"),
     ("processes and threads",
-     "forge_lite runs 7 processes besides this one, with 1 torch thread each (threads_per_process: 1); "
-     "TRL runs in this one process with torch's default thread count (one per core)"),
+     "forge_lite runs 4 processes besides this one (the policy, the trainer, the reward service, and one "
+     "the dataset, the replay buffer and the advantage computation share), with 1 torch thread each "
+     "(threads_per_process: 1); TRL runs in this one process with torch's default thread count (one "
+     "per core)"),
     ("the trainer's forward pass",
      "forge_lite runs each of a step's 4 prompts once and the 8 responses of its group on a copy of "
      "its KV cache (forge_lite.rl.logprobs.response_logits), on columns that are not padding in "

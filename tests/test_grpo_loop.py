@@ -401,3 +401,25 @@ async def test_a_run_cancelled_midway_shuts_everything_down(tmp_path):
     with pytest.raises(asyncio.CancelledError):
         await run
     assert await wait_for_children(before) <= before
+
+
+async def test_rollouts_start_a_round_only_while_the_buffer_holds_fewer_than_batches_ahead_batches():
+    """``RolloutWindow.room(batches_ahead * batch_size)``: with 2 batches of 8
+    allowed, a buffer of 8 untaken episodes leaves room; one of 16 does not,
+    until the trainer takes a batch; a paused window has no room at all."""
+    window = RolloutWindow(in_buffer=8)
+    await asyncio.wait_for(window.room(2 * 8), timeout=1)  # one batch waiting: room for the next
+    window.buffered(8)
+    waiting = asyncio.ensure_future(window.room(2 * 8))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # two batches nobody has taken: no new round
+    window.taken(8)
+    await asyncio.wait_for(waiting, timeout=1)
+    window.pause()
+    paused = asyncio.ensure_future(window.room(2 * 8))
+    await asyncio.sleep(0.05)
+    assert not paused.done()
+    window.resume()
+    await asyncio.wait_for(paused, timeout=1)
+    with pytest.raises(ValueError, match="batches_ahead must be >= 1"):
+        GRPOConfig.from_dict({"batches_ahead": 0})

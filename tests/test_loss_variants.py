@@ -594,7 +594,7 @@ async def test_a_short_run_of_each_variant_records_clip_and_zero_std_fractions(l
             assert math.isnan(step.clip_fraction)  # no clip
         else:
             assert finite_fraction(step.clip_fraction), step.clip_fraction
-    # Every step scored groups (the buffer is one batch ahead at most), and
+    # The steps scored groups (the first one's since the run began), and
     # skip_uniform_groups (the tiny config's) dropped the uniform ones after counting them.
     scored = [s.zero_std_fraction for s in recorder.steps if not math.isnan(s.zero_std_fraction)]
     assert scored and all(finite_fraction(f) for f in scored), recorder.steps

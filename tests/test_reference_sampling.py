@@ -1,9 +1,11 @@
-"""With beta 0 the reference model may score a sample of responses only.
+"""With beta 0 the reference model may score a sample of responses only, or none.
 
 Its logprobs then feed nothing but the reported KL, so leaving them out of
 the batch must not change the loss or its gradient, and a KL penalty
 (beta > 0) without them is refused rather than computed from zeros.
 """
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,5 +73,42 @@ def test_kl_samples_needs_beta_zero():
     assert config.ref_model.kl_samples == 1
     with pytest.raises(ValueError, match="ref_model.kl_samples=1 needs trainer.beta: 0"):
         GRPOConfig.from_dict({"trainer": {"beta": 0.1}, "ref_model": {"kl_samples": 1}})
-    with pytest.raises(ValueError, match="ref_model.kl_samples must be >= 1"):
-        GRPOConfig.from_dict({"trainer": {"beta": 0.0}, "ref_model": {"kl_samples": 0}})
+    with pytest.raises(ValueError, match="ref_model.kl_samples must be >= 0"):
+        GRPOConfig.from_dict({"trainer": {"beta": 0.0}, "ref_model": {"kl_samples": -1}})
+
+
+def test_kl_samples_zero_means_no_reference_model_and_needs_beta_zero():
+    assert GRPOConfig.from_dict({"trainer": {"beta": 0.0}, "ref_model": {"kl_samples": 0}}).uses_reference is False
+    assert GRPOConfig.from_dict({"trainer": {"beta": 0.0}, "ref_model": {"kl_samples": 1}}).uses_reference
+    assert GRPOConfig.from_dict({"trainer": {"beta": 0.1}}).uses_reference  # kl_samples None: every response
+    with pytest.raises(ValueError, match="ref_model.kl_samples=0 needs trainer.beta: 0"):
+        GRPOConfig.from_dict({"trainer": {"beta": 0.1}, "ref_model": {"kl_samples": 0}})
+
+
+async def test_a_run_without_a_reference_model_starts_none_and_reports_no_kl(tmp_path):
+    """``ref_model.kl_samples: 0`` (grpo_tiny.yaml's): no reference process is
+    spawned, no group asks for reference logprobs, and the run trains, its
+    KL NaN (nothing measured) rather than a made-up 0."""
+    import math
+
+    from forge_lite.controller import procs
+    from forge_lite.grpo.config import load_config
+    from forge_lite.grpo.run import GRPORun
+
+    config = load_config(str(Path(__file__).resolve().parent.parent / "configs" / "grpo_tiny.yaml"), [
+        "steps=2", "group_size=4", "batch_size=8", "prompts_per_rollout=2", "eval_samples=0",
+        "progress=false", f"output_dir={tmp_path}",
+    ])
+    assert config.ref_model.kl_samples == 0 and not config.uses_reference
+    run = await GRPORun(config).start()
+    try:
+        assert run.services.ref_model is None and "ref_model" not in run.services.hosts()
+        names = [p.name.lower() for p in procs._live]
+        assert names and not any("reference" in name for name in names), names
+        result = await run.train(on_interrupt="raise")
+    finally:
+        await run.shutdown()
+    steps = result.recorder.steps
+    assert [s.step for s in steps] == [0, 1]
+    assert all(math.isnan(s.kl) and math.isfinite(s.loss) for s in steps)
+    assert all(s.time_split_s["reference"] < 0.01 for s in steps)

@@ -177,7 +177,9 @@ class ReferenceConfig:
     # (trainer.beta > 0) needs every one: None. With beta 0 the reference
     # logprobs only feed the reported KL, and one response per group
     # estimates it for 1/group_size of the work (benchmarks/grpo.py's phase
-    # split shows the reference's share of a step).
+    # split shows the reference's share of a step). 0 (beta 0 only): no
+    # reference model at all, and no KL reported; one model process fewer
+    # to start and to feed (TRL's GRPOTrainer loads none when beta is 0).
     kl_samples: int | None = None
 
 
@@ -251,6 +253,15 @@ class GRPOConfig:
     # Episodes generated more than this many versions before the trainer's
     # current one are dropped unused; 0 is strictly on-policy.
     max_policy_age: int = 1
+    # How many batches the rollouts may put in the buffer before the trainer
+    # takes them: a new round of groups starts while the buffer holds fewer
+    # untaken episodes than batches_ahead * batch_size. 1 keeps generation
+    # one step ahead of training; 2 lets the policy start the next round
+    # while the trainer still holds the last one, so neither waits for the
+    # other as often (benchmarks/loop_cpu.py, batches_ahead=1 against 2,
+    # prints both runs' steps/min and groups started per step). Episodes
+    # older than max_policy_age are dropped unused either way.
+    batches_ahead: int = 2
     num_rollout_tasks: int = 2  # concurrent rollout loops
     # Groups each rollout loop keeps in flight at once: their generate calls
     # reach the policy together, so an idle replica prefills them together,
@@ -295,6 +306,11 @@ class GRPOConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
 
     @property
+    def uses_reference(self) -> bool:
+        """Whether the run starts a reference model (not with ``ref_model.kl_samples: 0``)."""
+        return self.ref_model.kl_samples != 0
+
+    @property
     def response_len(self) -> int:
         """Every episode's response length: ``policy.max_tokens`` (one turn),
         or ``env.response_len`` (a multi-turn trajectory) with an environment."""
@@ -306,6 +322,7 @@ class GRPOConfig:
             ("group_size", 2),
             ("batch_size", 1),
             ("max_policy_age", 0),
+            ("batches_ahead", 1),
             ("num_rollout_tasks", 1),
             ("prompts_per_rollout", 1),
             ("eval_samples", 0),
@@ -318,7 +335,7 @@ class GRPOConfig:
             ("threads_per_process", 1),
             ("trainer.procs", 1),
             ("trainer.warmup_steps", 0),
-            ("ref_model.kl_samples", 1),
+            ("ref_model.kl_samples", 0),
             ("checkpoint_every", 1),
             ("env.max_turns", 1),
             ("env.response_len", 2),

@@ -62,8 +62,8 @@ from forge_lite.grpo.services import RunComponents
 
 async def rollout_loop(s: RunComponents, config: GRPOConfig, pad_id: int, window: RolloutWindow) -> None:
     """Rollouts until cancelled, ``config.prompts_per_rollout`` groups at a
-    time; each round waits while the buffer already holds the next step's
-    batch (see ``RolloutWindow.room``). With ``config.env.name`` set, each
+    time; each round waits while the buffer already holds
+    ``config.batches_ahead`` batches (see ``RolloutWindow.room``). With ``config.env.name`` set, each
     group is a multi-turn one (``forge_lite.grpo.multiturn.rollout_env_group``).
 
     The groups of a round start together: an idle policy replica waits until
@@ -81,7 +81,7 @@ async def rollout_loop(s: RunComponents, config: GRPOConfig, pad_id: int, window
     """
     rollout = rollout_group if config.env.name is None else rollout_env_group
     while True:
-        await window.room(config.batch_size)
+        await window.room(config.batches_ahead * config.batch_size)
         await asyncio.gather(*(rollout(s, config, pad_id, window) for _ in range(config.prompts_per_rollout)))
 
 
@@ -246,6 +246,7 @@ async def record_step(
 
 def mean_kl(episodes: list[Episode]) -> float:
     """The batch's KL to the reference: the mean over the responses the
-    reference scored (every one, or a sample with ``ref_model.kl_samples``)."""
+    reference scored (every one, or a sample with ``ref_model.kl_samples``);
+    NaN when it scored none (``ref_model.kl_samples: 0``: no reference model)."""
     kls = [e.behaviour_kl for e in episodes if e.behaviour_kl is not None]
     return sum(kls) / len(kls) if kls else float("nan")

@@ -52,7 +52,8 @@ async def timed(seconds: dict[str, float], phase: str, awaitable: Awaitable[T]) 
 
 def with_reference(group: Group, config: GRPOConfig) -> list[Episode]:
     """The episodes the reference model scores: every one, or (with
-    ``ref_model.kl_samples``, when beta is 0) the first kl_samples."""
+    ``ref_model.kl_samples``, when beta is 0) the first kl_samples; none
+    with kl_samples 0 (no reference model)."""
     return group.episodes[: config.ref_model.kl_samples]
 
 
@@ -64,8 +65,13 @@ async def reference_logprobs(s: RunComponents, config: GRPOConfig, group: Group)
     every row (docs/tutorial_differences.md#max-req-tokens). A multi-turn
     response is scored whole, environment tokens too: the loss masks them,
     and scoring them costs less than cutting the rows apart.
+
+    Without a reference model (``ref_model.kl_samples: 0``): an empty
+    ``[0, response_len]`` tensor, and no call.
     """
     episodes = with_reference(group, config)
+    if not episodes:
+        return torch.empty(0, config.response_len)
     tokens = torch.stack([torch.cat([e.request_tensor, e.response_tensor]) for e in episodes])
     mask = torch.stack([torch.cat([e.request_mask, e.response_mask]) for e in episodes])
     return await s.ref_model.forward.route(
@@ -99,9 +105,9 @@ async def finish_group(
 
     for episode, reward in zip(group.episodes, rewards):
         episode.reward = reward
-    if ref_logprobs is None:
+    if ref_logprobs is None and config.uses_reference:
         ref_logprobs = await timed(window.seconds, "reference", reference_logprobs(s, config, group))
-    for episode, row in zip(with_reference(group, config), ref_logprobs):
+    for episode, row in zip(with_reference(group, config), () if ref_logprobs is None else ref_logprobs):
         episode.ref_logprobs = row[: len(episode.response_tokens)]
         episode.behaviour_kl = behaviour_kl(episode)
     advantages = await s.compute_advantages.compute.call_one(group)
@@ -151,18 +157,21 @@ class RolloutWindow:
         self.groups = 0  # groups scored
         self.uniform_groups = 0  # of those, groups whose rewards were all equal
 
-    async def room(self, batch_size: int) -> None:
-        """Wait while the buffer holds a whole batch that no step has taken,
-        or while the window is paused.
+    async def room(self, episodes: int) -> None:
+        """Wait while the buffer holds ``episodes`` or more that no step has
+        taken (``batches_ahead * batch_size``), or while the window is paused.
 
-        Rollouts beyond one batch would only wait in the buffer and age out
-        (with max_policy_age 1, measured: half of what four rollout tasks
-        made), while on a few cores their generation takes CPU from the
-        trainer, the slower of the two. One step ahead keeps the trainer fed.
+        Rollouts far beyond what the trainer takes would only wait in the
+        buffer and age out, while on a few cores their generation takes CPU
+        from the trainer. One batch ahead leaves each waiting for the other:
+        the next round starts only once the trainer has taken the batch, and
+        the trainer's next step waits for that round. Two batches ahead let
+        the tiny config run about a sixth more steps per minute, for about
+        the same groups started per step (``benchmarks/loop_cpu.py``).
         """
         while True:
             await self._running.wait()
-            while self.in_buffer >= batch_size:
+            while self.in_buffer >= episodes:
                 self._room_changed.clear()
                 await self._room_changed.wait()
             if self._running.is_set():  # not paused while it waited for room

@@ -220,7 +220,7 @@ class GRPORun:
             if not current_cluster().is_local:
                 where = self.services.hosts()
                 print("GRPO: placed " + "; ".join(f"{name} on {', '.join(where[name])}" for name in (
-                    "policy", "ref_model", "reward_actor", "trainer")), flush=True)
+                    "policy", "ref_model", "reward_actor", "trainer") if name in where), flush=True)
         except BaseException:
             await self.shutdown()
             raise

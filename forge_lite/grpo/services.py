@@ -53,7 +53,7 @@ class RunComponents:
     trainer: ActorMesh  # RLTrainer: train_step(), push_weights()
     replay_buffer: ActorMesh  # ReplayBuffer: add(), sample(), numel()
     compute_advantages: ActorMesh  # ComputeAdvantages: compute()
-    ref_model: ServiceInterface  # ReferenceModel: forward()
+    ref_model: ServiceInterface | None  # ReferenceModel: forward(); None with ref_model.kl_samples 0
     reward_actor: ServiceInterface  # RewardActor: evaluate_response()
     eval_data: ActorMesh | None = None  # DatasetActor on the held-out split
     env: ServiceInterface | None = None  # EnvironmentActor (multi-turn runs): sample_problem(), reset(), step()
@@ -142,17 +142,18 @@ async def start_services(
             batch_size=c.batch_size, max_policy_age=c.max_policy_age, dp_size=1, collate=None
         ),
         "compute_advantages": ComputeAdvantages.options(procs=1).as_actor(scale=c.loss.scale_rewards),
-        "ref_model": ReferenceModel.options(
-            procs=1, num_replicas=c.ref_model.num_replicas,
-            with_gpus=c.ref_model.with_gpus, gpu_share=c.ref_model.gpu_share,
-            on_hosts=c.placement.hosts("ref_model"),
-        ).as_service(model=c.model, dtype=c.ref_model.dtype),
         "reward_actor": RewardActor.options(
             procs=1, num_replicas=c.reward_actor.num_replicas, on_hosts=c.placement.hosts("reward_actor"),
         ).as_service(
             reward_functions=[REWARD_FUNCTIONS[name]() for name in c.reward_actor.functions]
         ),
     }
+    if c.uses_reference:
+        starts["ref_model"] = ReferenceModel.options(
+            procs=1, num_replicas=c.ref_model.num_replicas,
+            with_gpus=c.ref_model.with_gpus, gpu_share=c.ref_model.gpu_share,
+            on_hosts=c.placement.hosts("ref_model"),
+        ).as_service(model=c.model, dtype=c.ref_model.dtype)
     if c.env.name is not None:
         options = {"tool_cost": c.env.tool_cost} if c.env.name == "calculator" else {}
         starts["env"] = EnvironmentActor.options(procs=1, num_replicas=c.env.num_replicas).as_service(
@@ -176,7 +177,7 @@ async def start_services(
             [t.result() for t in tasks.values() if not t.cancelled() and t.exception() is None]
         )
         raise
-    return RunComponents(**{name: task.result() for name, task in tasks.items()})
+    return RunComponents(**{"ref_model": None, **{name: task.result() for name, task in tasks.items()}})
 
 
 async def shutdown_all(handles) -> None:
