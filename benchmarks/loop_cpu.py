@@ -8,7 +8,8 @@ Starts ``configs/grpo_tiny.yaml`` (``eval_samples=0``, with any
 seconds (user + system, ``psutil``) just before training and just after,
 and prints the difference per process, per training step and as a share of
 the whole: the controller (this process, which runs the loop's coroutines),
-the policy, the trainer, the reference model, the reward service, the weight
+the policy, the trainer, the reference model (if the config starts one:
+``configs/grpo_tiny.yaml`` does not), the reward service, the weight
 server if any, and the shared process of light actors (the dataset, the
 replay buffer and the advantage computation live there together: see
 ``ForgeActor.shares_process``). Every process the kit spawned is found in
