@@ -42,11 +42,13 @@ async def test_a_run_evaluates_every_n_steps_with_training_paused(tmp_path):
     config = load_config(None, FAST + ["steps=5", "checkpoint_every=3", f"output_dir={tmp_path}"])
     recorder = MetricsRecorder()
     seen: list[tuple[HeldoutEvaluation, int]] = []
+    served: list[tuple[int, ...]] = []  # what the replicas served as each evaluation ended
 
     def on_evaluation(evaluation: HeldoutEvaluation) -> None:
         # Called as the evaluation ends, the training still paused: no step was
         # recorded after the one it evaluates.
         seen.append((evaluation, len(recorder.steps)))
+        served.append(recorder.versions[-1].replica_versions if recorder.versions else ())
 
     run = GRPORun(config, recorder, evaluate_every=2, on_evaluation=on_evaluation)
     try:
@@ -65,6 +67,9 @@ async def test_a_run_evaluates_every_n_steps_with_training_paused(tmp_path):
     assert [s.step for s in recorder.steps] == [0, 1, 2, 3, 4] and result.steps_trained == 5
     # The versions go on across the pauses: one per step.
     assert [v.trainer_version for v in recorder.versions] == [1, 2, 3, 4, 5]
+    # The replicas load a version while the trainer goes on, but an evaluation
+    # waits for them: it scores the weights of the step it is after.
+    assert served == [(), (2,), (4,), (5,)]
     # The checkpoint after step 3 (between two evaluations) holds the run's config, not a stretch's.
     saved = checkpoint.complete_checkpoints(tmp_path / "checkpoints")
     assert [p.name for p in saved] == ["step-000003"]

@@ -12,7 +12,8 @@ the controller's event loop:
   shares.
 - one training loop (``train_loop``). It samples a batch from the buffer,
   takes an optimizer step, publishes the weights as the next version and has
-  every policy replica load them (``fanout``).
+  every policy replica load them (``fanout``), going on to its next batch
+  while they do.
 
 Neither waits for the other: the replay buffer sits between them, and its
 ``max_policy_age`` bounds how stale the data the trainer learns from may be.
@@ -118,29 +119,61 @@ async def score(s: RunComponents, group: Group) -> list[float]:
 async def train_loop(
     s: RunComponents, config: GRPOConfig, recorder: MetricsRecorder, window: RolloutWindow,
     rollouts: list[asyncio.Task], store: WeightStore, start_step: int = 0,
-    after_step: Callable[[int], Awaitable[None]] | None = None,
+    after_step: Callable[[int], Awaitable[None]] | None = None, after_every: int = 1,
 ) -> None:
     """Training steps ``start_step`` to ``config.steps - 1``, each publishing a new
     policy version (a resumed run starts at its checkpoint's step, and version).
 
-    ``after_step(steps_done)``, when given, is awaited after each step (and its
-    checkpoint), before the next batch is sampled: ``GRPORun`` evaluates there.
+    The policy replicas load each new version while the trainer goes on to
+    its next batch (``load_version``): a replica loads only once the
+    generations it is running finish, and the trainer need not wait for
+    that. It does wait before publishing the next version, so the replicas
+    are never more than one version behind the trainer (the buffer's
+    ``max_policy_age`` bounds what the trainer learns from either way); the
+    step's "sync" time is that wait plus the publishing.
+
+    ``after_step(steps_done)``, when given, is awaited after every
+    ``after_every``-th step (and its checkpoint), once every replica serves
+    that step's weights, before the next batch is sampled: ``GRPORun``
+    evaluates there.
     """
     version = start_step  # the weights the trainer holds, and every replica serves at the start
-    for step in range(start_step, config.steps):
-        episodes = await next_batch(s.replay_buffer, version, rollouts, window)
-        # One chunk per trainer process; every process returns the whole batch's loss.
-        inputs, targets = grpo_collate(episodes, dp_size=config.trainer.procs,
-                                       mask_truncated=config.loss.mask_truncated)
-        seconds: dict[str, float] = {}
-        trained = await timed(seconds, "train", s.trainer.train_step.call(inputs, targets, with_metrics=True))
-        served = await timed(seconds, "sync", sync_weights(s, store, version + 1))
-        version += 1
-        recorder.record_versions(step, version, served)
-        await record_step(recorder, s, step, version, episodes, first(trained), seconds, window.take())
-        await save_if_due(s, config, recorder, step + 1, version)  # every config.checkpoint_every steps
-        if after_step is not None:
-            await after_step(step + 1)
+    loading: asyncio.Task | None = None  # the replicas loading the newest version
+    try:
+        for step in range(start_step, config.steps):
+            episodes = await next_batch(s.replay_buffer, version, rollouts, window)
+            # One chunk per trainer process; every process returns the whole batch's loss.
+            inputs, targets = grpo_collate(episodes, dp_size=config.trainer.procs,
+                                           mask_truncated=config.loss.mask_truncated)
+            seconds: dict[str, float] = {}
+            trained = await timed(seconds, "train", s.trainer.train_step.call(inputs, targets, with_metrics=True))
+            if loading is not None:
+                await timed(seconds, "sync", loading)
+            await timed(seconds, "sync", s.trainer.push_weights.call(policy_version=version + 1))
+            version += 1
+            loading = asyncio.ensure_future(load_version(s, store, recorder, step, version))
+            await record_step(recorder, s, step, version, episodes, first(trained), seconds, window.take())
+            steps_done = step + 1
+            checkpoint_due = config.checkpoint_every and steps_done % config.checkpoint_every == 0
+            after_due = after_step is not None and steps_done % after_every == 0
+            if checkpoint_due or after_due:
+                await loading  # the checkpoint and the evaluation see the replicas on this version
+            await save_if_due(s, config, recorder, steps_done, version)  # every config.checkpoint_every steps
+            if after_due:
+                await after_step(steps_done)
+        if loading is not None:
+            await loading
+    finally:
+        if loading is not None and not loading.done():
+            loading.cancel()
+
+
+async def load_version(
+    s: RunComponents, store: WeightStore, recorder: MetricsRecorder, step: int, version: int
+) -> None:
+    """Every policy replica loads ``version`` (``sync_weights``, after the
+    trainer published it), and the versions they serve are recorded."""
+    recorder.record_versions(step, version, await sync_weights(s, store, version, pushed=True))
 
 
 async def next_batch(
@@ -166,17 +199,19 @@ async def next_batch(
         await asyncio.sleep(0.01)
 
 
-async def sync_weights(s: RunComponents, store: WeightStore, version: int) -> list[int]:
-    """The tutorial's weight sync: the trainer publishes ``version``, every
-    policy replica loads it; then older versions leave the store (every
-    replica serves the new one, and for a 1.7B model in bf16 each is 3.4 GB).
-    Returns the version each live replica serves.
+async def sync_weights(s: RunComponents, store: WeightStore, version: int, pushed: bool = False) -> list[int]:
+    """The tutorial's weight sync: the trainer publishes ``version`` (unless
+    ``pushed``: it already has), every policy replica loads it; then older
+    versions leave the store (every replica serves the new one, and for a
+    1.7B model in bf16 each is 3.4 GB). Returns the version each live
+    replica serves.
 
     A replica that dies during the sync is left out (``tolerate_lost_replicas``);
     one that was respawning and joined during the fanout loaded the version
     before, so it gets this one in a second fanout.
     """
-    await s.trainer.push_weights.call(policy_version=version)
+    if not pushed:
+        await s.trainer.push_weights.call(policy_version=version)
     await tolerate_lost_replicas(s.policy.update_weights.fanout(policy_version=version))
     served = await replica_versions(s)
     if any(v != version for v in served):

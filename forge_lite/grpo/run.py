@@ -331,7 +331,8 @@ class GRPORun:
 
         await train_loop(self.services, self.config, self.recorder, window, self._rollouts, self.store,
                          start_step=self.start_step,
-                         after_step=None if self.evaluate_every is None else evaluate_if_due)
+                         after_step=None if self.evaluate_every is None else evaluate_if_due,
+                         after_every=self.evaluate_every or 1)
 
     async def _heldout(self, step: int) -> float | None:
         """``evaluate()``, timed, kept in ``evaluations`` and given to ``on_evaluation``."""
