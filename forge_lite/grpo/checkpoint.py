@@ -102,12 +102,17 @@ FIXED_ON_RESUME = {
 # ---------------------------------------------------------------- saving
 
 
+def checkpoint_due(config: GRPOConfig, steps_done: int) -> bool:
+    """Whether a checkpoint is due after ``steps_done`` steps (every
+    ``config.checkpoint_every``; never when it is None)."""
+    return config.checkpoint_every is not None and steps_done % config.checkpoint_every == 0
+
+
 async def save_if_due(s, config: GRPOConfig, recorder: MetricsRecorder, steps_done: int,
                       policy_version: int) -> Path | None:
     """Save a checkpoint if ``steps_done`` is a multiple of ``config.checkpoint_every``
     (the training loop's one line); returns its path, or None when none was due."""
-    every = config.checkpoint_every
-    if every is None or steps_done % every:
+    if not checkpoint_due(config, steps_done):
         return None
     return await save_checkpoint(s, config, recorder, steps_done, policy_version)
 

@@ -47,7 +47,7 @@ from typing import Awaitable, Callable
 
 from forge_lite.actors.weights import WeightStore
 from forge_lite.controller.errors import FanoutError, ReplicaFailure
-from forge_lite.grpo.checkpoint import save_if_due
+from forge_lite.grpo.checkpoint import checkpoint_due, save_if_due
 from forge_lite.rl.collate import grpo_collate
 from forge_lite.grpo.config import GRPOConfig
 from forge_lite.rl.episode import Episode, Group
@@ -64,8 +64,8 @@ from forge_lite.grpo.services import RunComponents
 async def rollout_loop(s: RunComponents, config: GRPOConfig, pad_id: int, window: RolloutWindow) -> None:
     """Rollouts until cancelled, ``config.prompts_per_rollout`` groups at a
     time; each round waits while the buffer already holds
-    ``config.batches_ahead`` batches (see ``RolloutWindow.room``). With ``config.env.name`` set, each
-    group is a multi-turn one (``forge_lite.grpo.multiturn.rollout_env_group``).
+    ``config.batches_ahead`` batches (see ``RolloutWindow.room``). With
+    ``config.env.name`` set, each group is a multi-turn one (``forge_lite.grpo.multiturn.rollout_env_group``).
 
     The groups of a round start together: an idle policy replica waits until
     requests stop arriving (``BATCH_GAP_S`` in ``forge_lite.actors.policy``),
@@ -154,9 +154,8 @@ async def train_loop(
             loading = asyncio.ensure_future(load_version(s, store, recorder, step, version))
             await record_step(recorder, s, step, version, episodes, first(trained), seconds, window.take())
             steps_done = step + 1
-            checkpoint_due = config.checkpoint_every and steps_done % config.checkpoint_every == 0
             after_due = after_step is not None and steps_done % after_every == 0
-            if checkpoint_due or after_due:
+            if checkpoint_due(config, steps_done) or after_due:
                 await loading  # the checkpoint and the evaluation see the replicas on this version
             await save_if_due(s, config, recorder, steps_done, version)  # every config.checkpoint_every steps
             if after_due:
@@ -171,9 +170,9 @@ async def train_loop(
 async def load_version(
     s: RunComponents, store: WeightStore, recorder: MetricsRecorder, step: int, version: int
 ) -> None:
-    """Every policy replica loads ``version`` (``sync_weights``, after the
-    trainer published it), and the versions they serve are recorded."""
-    recorder.record_versions(step, version, await sync_weights(s, store, version, pushed=True))
+    """Every policy replica loads ``version`` (``sync_weights``; the trainer
+    has published it), and the versions they serve are recorded."""
+    recorder.record_versions(step, version, await sync_weights(s, store, version))
 
 
 async def next_batch(
@@ -199,19 +198,17 @@ async def next_batch(
         await asyncio.sleep(0.01)
 
 
-async def sync_weights(s: RunComponents, store: WeightStore, version: int, pushed: bool = False) -> list[int]:
-    """The tutorial's weight sync: the trainer publishes ``version`` (unless
-    ``pushed``: it already has), every policy replica loads it; then older
-    versions leave the store (every replica serves the new one, and for a
-    1.7B model in bf16 each is 3.4 GB). Returns the version each live
-    replica serves.
+async def sync_weights(s: RunComponents, store: WeightStore, version: int) -> list[int]:
+    """The tutorial's weight sync, once the trainer has published ``version``
+    (``push_weights``, in ``train_loop``): every policy replica loads it;
+    then older versions leave the store (every replica serves the new one,
+    and for a 1.7B model in bf16 each is 3.4 GB). Returns the version each
+    live replica serves.
 
     A replica that dies during the sync is left out (``tolerate_lost_replicas``);
     one that was respawning and joined during the fanout loaded the version
     before, so it gets this one in a second fanout.
     """
-    if not pushed:
-        await s.trainer.push_weights.call(policy_version=version)
     await tolerate_lost_replicas(s.policy.update_weights.fanout(policy_version=version))
     served = await replica_versions(s)
     if any(v != version for v in served):
