@@ -105,6 +105,50 @@ async def test_light_actors_share_one_process_and_stop_one_at_a_time():
         await ComputeAdvantages.shutdown(again)
 
 
+async def test_the_light_actors_process_never_loads_torch():
+    """What a GRPO run asks of its light actors (a problem, a group's
+    advantages, episodes into the buffer and a batch of them back, with
+    ``collate=None`` as the run sets it) loads no torch in their process:
+    about 1 CPU-s less start-up and 190 MB less memory per run. The episodes
+    leave this process with tensor fields and come back as lists of the same
+    numbers, which collate as before."""
+    import torch
+
+    from forge_lite.rl.collate import grpo_collate
+    from forge_lite.rl.episode import Group
+
+    dataset, buffer, advantages = await asyncio.gather(
+        DatasetActor.options(procs=1).as_actor(data_split="test"),
+        ReplayBuffer.options(procs=1).as_actor(batch_size=4, max_policy_age=1, dp_size=1, collate=None),
+        ComputeAdvantages.options(procs=1).as_actor(),
+    )
+    try:
+        problem = await dataset.sample.call_one()
+        group = Group.new_group("g", 4, problem["request"], 0, pad_id=0, request_len=8, response_len=4)
+        for i, episode in enumerate(group.episodes):
+            episode.request_tokens = torch.tensor([1, 2, 3])
+            episode.response_tokens = torch.tensor([4, 5, 6][: i % 3 + 1])
+            episode.behaviour_logprobs = torch.tensor([-0.5, -0.25, -0.125][: i % 3 + 1])
+            episode.reward = float(i % 2)
+        for episode, advantage in zip(group.episodes, await advantages.compute.call_one(group)):
+            episode.advantage = advantage
+        await buffer.extend.call_one(group.episodes)
+        sampled = await buffer.sample.call_one(curr_policy_version=0)
+        (pid,) = processes_of(buffer).pids
+        with open(f"/proc/{pid}/maps") as maps:
+            assert "libtorch" not in maps.read(), "the light actors' process loaded torch"
+    finally:
+        await asyncio.gather(DatasetActor.shutdown(dataset), ReplayBuffer.shutdown(buffer),
+                             ComputeAdvantages.shutdown(advantages))
+    (episodes,) = sampled  # one chunk per dp rank
+    assert all(isinstance(e.behaviour_logprobs, list) for e in episodes)
+    by_id = {e.episode_id: e for e in group.episodes}
+    order = [by_id[e.episode_id] for e in episodes]
+    for came_back, sent in zip(grpo_collate(episodes), grpo_collate(order)):
+        for key in sent[0]:
+            assert torch.equal(came_back[0][key], sent[0][key]), key
+
+
 async def test_two_dataset_actors_start_at_once_on_the_shared_process():
     # A GRPO run starts its training and held-out sets together: on one
     # process, their tokenizer imports must not trip over each other.

@@ -264,9 +264,9 @@ async def stop_processes(procs: Processes, timeout: float = STOP_TIMEOUT_S) -> N
 # ---------------------------------------------------------------- light actors
 
 # Actors that run no model (the dataset, the replay buffer, the advantages)
-# need little memory but a process each would import torch again (about
-# 300 MB and a second or more of CPU per process). They live together on one
-# process per caller instead; each is still its own actor (own mesh, own
+# need little memory, but each process costs its start-up and its Python.
+# They live together on one process per caller, which never loads torch
+# (see forge_lite.rl.episode); each is still its own actor (own mesh, own
 # state, stopped on its own). What they share is their fate: a crash of that
 # process takes all of them down.
 SHARED_NAME = "light_actors"

@@ -25,7 +25,7 @@ import os
 import threading
 from typing import Any
 
-from forge_lite.actors.hf_model import load_tokenizer, resolve_model
+from forge_lite.actors.model_spec import resolve_model
 from forge_lite.assets import MATH_DATA_DIR
 from forge_lite.controller import ForgeActor
 from forge_lite.data.prompts import extract_target, format_request
@@ -89,6 +89,8 @@ def load_request_tokenizer(spec: str | dict | None):
     try:
         return PreTrainedTokenizerFast.from_pretrained(resolve_model(spec))
     except (OSError, ValueError):  # no tokenizer.json: only the model's own class reads it
+        from forge_lite.actors.hf_model import load_tokenizer  # imports torch: only here
+
         return load_tokenizer(spec)
 
 

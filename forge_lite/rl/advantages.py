@@ -30,14 +30,16 @@ the loss and gradient after them: a silent NaN in the weights. It is a
 broken reward function, so it is reported where it enters, with its index.
 
 The run computes them in the ``ComputeAdvantages`` actor
-(``forge_lite.grpo.advantages``), which calls ``group_advantages``.
+(``forge_lite.grpo.advantages``), which calls ``group_advantages``. That
+actor lives in the light actors' process, which runs no model, so the
+arithmetic here is plain Python floats (float64, as torch's would be)
+rather than torch: eight numbers do not need it, and that process never
+loads torch (see ``forge_lite.rl.episode``).
 """
 
 import math
 import warnings
 from typing import Sequence
-
-import torch
 
 #: How a group's rewards become advantages: (r - mean) / std ("group"), or
 #: r - mean ("none").
@@ -78,16 +80,33 @@ def group_advantages(rewards: Sequence[float], scale: str = "group") -> list[flo
         # Exactly zero: the formula would give about 1e-12, float rounding in
         # the mean divided by the 1e-4.
         return [0.0] * len(rewards)
-    values = torch.tensor(rewards, dtype=torch.float64)
-    std = values.std()
-    advantages = values - values.mean()
-    if scale == "group":
-        advantages = advantages / (std + STD_EPSILON)
-    # Finite rewards near the float limit (1e308) overflow the mean or the std:
-    # an inf std would quietly make every advantage 0.
-    if not (torch.isfinite(std) and torch.isfinite(advantages).all()):
+    mean, std = _mean(rewards), sample_std(rewards)
+    deviations = [reward - mean for reward in rewards]
+    if scale == "group" and math.isfinite(std):
+        deviations = [d / (std + STD_EPSILON) for d in deviations]
+    # Finite rewards near the float limit (1e308) overflow the mean or the
+    # spread: an inf std would quietly make every advantage 0.
+    if not (math.isfinite(mean) and math.isfinite(std) and all(math.isfinite(d) for d in deviations)):
         raise ValueError(
             f"the rewards {list(rewards)} are too large to standardise: their mean or "
             "spread overflows float64; scale the reward function down"
         )
-    return advantages.tolist()
+    return deviations
+
+
+def sample_std(values: Sequence[float]) -> float:
+    """The sample standard deviation of two or more numbers (Bessel's
+    correction: divide by n - 1, as ``torch.std`` does), in float64; inf when
+    the spread overflows float64."""
+    mean = _mean(values)
+    try:
+        return math.sqrt(math.fsum((value - mean) ** 2 for value in values) / (len(values) - 1))
+    except OverflowError:  # a square beyond float64
+        return math.inf
+
+
+def _mean(values: Sequence[float]) -> float:
+    try:
+        return math.fsum(values) / len(values)
+    except OverflowError:  # math.fsum refuses a sum beyond float64
+        return math.inf

@@ -35,9 +35,11 @@ still counts as a sequence in a mean over sequences, as in TRL.
 
 from __future__ import annotations
 
-import torch
-
 from forge_lite.rl.episode import Episode, check_finite
+
+# The replay buffer's process imports this module (its default collate) but,
+# with collate=None as a GRPO run sets it, never collates: torch is imported
+# when a batch is first built, not before (see forge_lite.rl.episode).
 
 
 def grpo_collate(
@@ -50,6 +52,8 @@ def grpo_collate(
     without an advantage, or one whose reward, advantage or ref_logprobs are
     not finite; TypeError for items that are not Episodes.
     """
+    import torch
+
     if not episodes:
         raise ValueError("cannot collate an empty list of episodes")
     if len(episodes) % dp_size:

@@ -23,11 +23,19 @@ says so in ``truncated``; so does a single-turn response that reached
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
+# torch is imported inside the methods that build tensors. Episodes also
+# live in the light actors' process (the replay buffer's), which only stores
+# them, checks their numbers and hands them on: without torch that process
+# starts with 0.9 CPU-s less (1.8 -> 0.9, benchmarks/loop_cpu.py prints each
+# process's) and holds 190 MB less (360 -> 170 MB measured in a GRPO run);
+# tests/test_memory.py checks that it never loads torch.
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -69,9 +77,20 @@ class Episode:
     # The trajectory did not fit response_len and was cut there.
     truncated: bool = False
 
+    # An episode crosses processes several times (rollout -> advantages ->
+    # replay buffer -> collate). Monarch pickles a tensor through torch.save,
+    # several times slower than a list of the same numbers, and unpickling
+    # one imports torch. So tensor fields travel, and arrive, as lists (every
+    # field above takes either; the properties below turn them into tensors).
+    def __getstate__(self) -> dict:
+        return {name: value.tolist() if hasattr(value, "tolist") else value
+                for name, value in self.__dict__.items()}
+
     @property
     def request_tensor(self) -> torch.Tensor:
         """The request tokens left-padded to ``request_len``: shape ``[request_len]``."""
+        import torch
+
         tokens = self._tokens("request_tokens", self.request_len)
         padding = torch.full((self.request_len - len(tokens),), self.pad_id, dtype=torch.long)
         return torch.cat([padding, tokens])
@@ -79,6 +98,8 @@ class Episode:
     @property
     def response_tensor(self) -> torch.Tensor:
         """The response tokens right-padded to ``response_len``: shape ``[response_len]``."""
+        import torch
+
         tokens = self._tokens("response_tokens", self.response_len)
         padding = torch.full((self.response_len - len(tokens),), self.pad_id, dtype=torch.long)
         return torch.cat([tokens, padding])
@@ -86,6 +107,8 @@ class Episode:
     @property
     def request_mask(self) -> torch.Tensor:
         """True where ``request_tensor`` holds a real token, False on the left padding."""
+        import torch
+
         real = len(self._tokens("request_tokens", self.request_len))
         return torch.arange(self.request_len) >= self.request_len - real
 
@@ -97,6 +120,8 @@ class Episode:
         without a pad token pad with EOS, and the EOS a response ends with is
         a real token the policy chose and must be trained on.
         """
+        import torch
+
         real = len(self._tokens("response_tokens", self.response_len))
         return torch.arange(self.response_len) < real
 
@@ -114,6 +139,8 @@ class Episode:
         environment, ``response_model_mask=[True, True, False, True]``, and
         ``response_len=6`` give ``[True, True, False, True, False, False]``.
         """
+        import torch
+
         real = self.response_mask
         if self.response_model_mask is None:
             return real
@@ -150,6 +177,8 @@ class Episode:
         """The per-token logprobs in field ``name``, right-padded with zeros to
         ``response_len`` (float32); ValueError when unset (``source`` says where
         they come from) or not one per response token (``advice`` says what to pass)."""
+        import torch
+
         values = getattr(self, name)
         if values is None:
             raise ValueError(f"episode {self.episode_id!r} has no {name}; set them first{source}")
@@ -161,6 +190,8 @@ class Episode:
         return torch.cat([logprobs, logprobs.new_zeros(self.response_len - len(logprobs))])
 
     def _tokens(self, name: str, max_len: int) -> torch.Tensor:
+        import torch
+
         tokens = getattr(self, name)
         if tokens is None:
             raise ValueError(f"episode {self.episode_id!r} has no {name}; set them first")
@@ -188,19 +219,29 @@ def check_finite(episode: Any) -> None:
         value = getattr(episode, name, None)
         if value is None:
             continue
-        values = torch.as_tensor(value, dtype=torch.float64).flatten()
-        bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+        values = _flat_numbers(value)
+        bad = [i for i, number in enumerate(values) if not math.isfinite(number)]
         if not bad:
             continue
-        if name.endswith("logprobs"):  # a tensor: say where, not all 500 values
+        if name.endswith("logprobs"):  # a sequence: say where, not all 500 values
             found = f"{name} with non-finite values at (position: value) "
-            found += str({i: values[i].item() for i in bad[:10]})
+            found += str({i: float(values[i]) for i in bad[:10]})
         else:
             found = f"{name}={value}"
         raise ValueError(
             f"episode {episode_id!r} has {found}; rewards, advantages and logprobs must be "
             "finite, or one NaN makes the loss and every weight NaN"
         )
+
+
+def _flat_numbers(value: Any) -> list:
+    """A number, a (nested) sequence of numbers or a tensor, as a flat list
+    (in the replay buffer's process, without torch: see the top of this file)."""
+    if hasattr(value, "tolist"):  # a tensor or an array
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [number for item in value for number in _flat_numbers(item)]
+    return [value]
 
 
 @dataclass

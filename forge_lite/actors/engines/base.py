@@ -23,9 +23,13 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    # Only __setstate__ builds tensors, and imports torch there: the dataset
+    # actor resolves a model name through this package in the light actors'
+    # process, which never loads torch (see forge_lite.rl.episode).
+    import torch
 
 
 @dataclass
@@ -61,6 +65,8 @@ class Completion:
         return state
 
     def __setstate__(self, state: dict) -> None:
+        import torch
+
         for name in _TENSOR_FIELDS:
             values, dtype = state[name]
             state[name] = torch.tensor(values, dtype=dtype)
