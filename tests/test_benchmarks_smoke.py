@@ -36,6 +36,7 @@ SHORT_RUNS = {
     "loop_cpu": (["steps=3"], "loop_cpu.json"),
     "multiturn": (["--part", "cache", "--tasks", "retry", "steps=1"], "multiturn.json"),
     "notebook_overhead": (["--steps", "2"], "notebook_overhead.json"),
+    "notebook_startup": (["02_services"], "notebook_startup.json"),
     "policy": (["--prompts", "4", "--max-tokens", "4", "--rounds", "1", "--conversations", "2", "--turns", "2"],
                "policy.json"),
     "services": (["--warmup", "2", "--sequential", "10", "--rounds", "1", "--callers", "4",
@@ -84,6 +85,9 @@ def checks(name: str, numbers: dict) -> None:
         assert [mode["steps"] for mode in numbers["cache"]["retry"].values()] == [1, 1, 1]  # steps=1 obeyed
     elif name == "notebook_overhead":
         assert [len(numbers["runs"][kind]) for kind in ("terminal", "notebook")] == [1, 1]
+    elif name == "notebook_startup":
+        (row,) = numbers["notebooks"]
+        assert row["notebook"] == "02_services" and row["service_cell"] is not None and row["startup_s"] > 0
     elif name == "policy":
         assert numbers["cache_reuse"]["transformers"]["sessions"]["cached_fraction"] > 0
         assert numbers["engines"]["transformers"]["tokens_per_s"] > 0
