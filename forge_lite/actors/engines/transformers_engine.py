@@ -408,18 +408,39 @@ def sample_tokens(
     Returns the tokens [rows] (long) and their raw (temperature 1) logprobs [rows].
     """
     if rows.shared is None:  # the usual case: every row samples, from the shared generator
-        tokens = torch.multinomial(_sampling_probs(logits, rows), 1, generator=shared_generator).squeeze(-1)
+        tokens = draw(_sampling_probs(logits, rows), shared_generator)
         return tokens, raw_logprobs(logits, tokens)
     tokens = logits.argmax(dim=-1)  # what greedy rows (temperature 0) keep
     if rows.any_sampled:
         probs = _sampling_probs(logits, rows)
         if len(rows.shared):
-            tokens[rows.shared] = torch.multinomial(probs[rows.shared], 1, generator=shared_generator).squeeze(-1)
-        # torch.multinomial takes one generator per call, so seeded rows draw
-        # one call each (a small cost next to the step's forward pass).
+            tokens[rows.shared] = draw(probs[rows.shared], shared_generator)
+        # A generator serves one call, so seeded rows draw one call each (a
+        # small cost next to the step's forward pass).
         for row, generator in rows.seeded:
-            tokens[row] = torch.multinomial(probs[row], 1, generator=generator)[0]
+            tokens[row] = draw(probs[row : row + 1], generator)[0]
     return tokens, raw_logprobs(logits, tokens)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row [rows] (long) from the distributions `probs` [rows, vocab].
+
+    Inverse-CDF sampling: one uniform number per row, found in the row's
+    cumulative sum. The distribution is torch.multinomial's, but multinomial
+    draws a random number for every vocabulary entry of every row, and that
+    was the largest part of the policy's sampling time on a CPU
+    (benchmarks/loop_cpu.py shows the policy's CPU per step). A token of
+    probability 0 (cut by top-p) is never drawn: its cumulative sum does not
+    rise. Raises ValueError when a row's probabilities are not finite (the
+    model's logits were NaN or inf), where multinomial would raise too.
+    """
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]  # about 1; float rounding leaves it a little off, so the draw is scaled by it
+    if not torch.isfinite(total).all():
+        raise ValueError("the model's next-token probabilities are not finite (NaN or inf logits): "
+                         "are the weights finite?")
+    uniform = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype)
+    return torch.searchsorted(cdf, uniform * total, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
