@@ -1,4 +1,5 @@
-"""Where the CPU of a GRPO run goes: CPU seconds per process while it trains.
+"""Where the CPU of a GRPO run goes: CPU seconds per process while it trains
+(and while it starts).
 
     python benchmarks/loop_cpu.py                    # configs/grpo_tiny.yaml, 150 steps, about 1 min on 2 cores
     python benchmarks/loop_cpu.py --runs 2 steps=300
@@ -14,6 +15,10 @@ server if any, and the shared process of light actors (the dataset, the
 replay buffer and the advantage computation live there together: see
 ``ForgeActor.shares_process``). Every process the kit spawned is found in
 ``forge_lite.controller.procs``, named by its mesh.
+
+The CPU each process took to start (``GRPORun.start()``: imports, model
+loading, setup) is printed alongside: on 2 cores the start-up's wall time
+is about their sum over 2.
 
 On 2 cores everything competes for the same CPU: CPU spent outside the
 policy and the trainer is CPU they do not get. The machine's load average
@@ -89,8 +94,10 @@ async def prompts_served(run: GRPORun, config) -> int:
 async def one_run(overrides: list[str], index: int) -> dict:
     """One run's CPU per process while it trains, and its steps/min."""
     config = load_config(CONFIG, [f"output_dir={RESULTS / 'loop_cpu' / f'run{index}'}", "eval_samples=0", *overrides])
+    spawned_before = cpu_by_process()
     run = await GRPORun(config).start()
     try:
+        startup_cpu = {name: s - spawned_before.get(name, 0.0) for name, s in cpu_by_process().items()}
         served_before = await prompts_served(run, config)
         load_before = os.getloadavg()[0]
         before, busy_before, began = cpu_by_process(), machine_busy_s(), time.perf_counter()
@@ -117,6 +124,7 @@ async def one_run(overrides: list[str], index: int) -> dict:
         "skipped_groups_per_step": skipped / steps,
         "groups_per_batch": config.batch_size // config.group_size,
         "cpu_s": dict(sorted(cpu.items(), key=lambda item: -item[1])),
+        "startup_cpu_s": startup_cpu,
         "cpu_s_total": ours,
         # Busy CPU seconds of the machine not spent by this run (other users, the OS).
         "others_cpu_s": max(0.0, busy_after - busy_before - ours),
@@ -132,12 +140,14 @@ def report(run: dict) -> None:
     print(f"\n{steps} steps in {run['train_s']:.1f} s: {run['steps_per_min']:.1f} steps/min, "
           f"rollout {run['rollout_tokens_per_s']:.0f} tokens/s, start-up {run['startup_s']:.1f} s; "
           f"load {run['load_1min_before']:.2f} -> {run['load_1min_after']:.2f}")
-    print(f"{'process':<16} {'CPU s':>7} {'ms/step':>8} {'share':>6}")
+    startup = run["startup_cpu_s"]
+    print(f"{'process':<16} {'CPU s':>7} {'ms/step':>8} {'share':>6} {'start-up CPU s':>15}")
     for name, seconds in run["cpu_s"].items():
         what = f"  ({WHAT[name]})" if name in WHAT else ""
-        print(f"{name:<16} {seconds:7.1f} {1000 * seconds / steps:8.0f} {seconds / total:6.0%}{what}")
+        print(f"{name:<16} {seconds:7.1f} {1000 * seconds / steps:8.0f} {seconds / total:6.0%} "
+              f"{startup.get(name, 0.0):15.2f}{what}")
     print(f"{'all':<16} {total:7.1f} {1000 * total / steps:8.0f}   of {os.cpu_count()} x {run['wall_s']:.1f} s wall; "
-          f"other processes {run['others_cpu_s']:.1f} CPU s")
+          f"other processes {run['others_cpu_s']:.1f} CPU s; start-up {sum(startup.values()):.2f} CPU s")
     print(f"groups per step: {run['groups_per_step']:.2f} started, "
           f"{run['skipped_groups_per_step']:.2f} skipped (equal rewards); a step trains on {run['groups_per_batch']}")
     split = ", ".join(f"{phase} {s:.3f}" for phase, s in run["time_split_s"].items())

@@ -79,6 +79,7 @@ def checks(name: str, numbers: dict) -> None:
         # Every process of the run was found and measured (grpo_tiny.yaml starts no reference model).
         assert {"controller", "policy", "rltrainer", "rewardactor", "light_actors"} <= set(run["cpu_s"])
         assert "referencemodel" not in run["cpu_s"]
+        assert run["startup_cpu_s"]["policy"] > 0 and run["startup_cpu_s"]["light_actors"] > 0
         assert all(seconds > 0 for seconds in run["cpu_s"].values())
     elif name == "multiturn":
         assert set(numbers["cache"]["retry"]) == {"sessions", "round robin", "prefix router"}

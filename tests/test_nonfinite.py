@@ -92,6 +92,41 @@ async def test_reward_actor_names_the_function_and_response_of_a_non_finite_scor
         await RewardActor.shutdown(rewards)
 
 
+def reward_of_kind(prompt: str, response: str, target: str):
+    """A reward function that returns the value the target names, whatever its type."""
+    import numpy as np
+
+    return {"text": "1.0", "none": None, "list": [1.0], "dict": {"reward": 1.0}, "complex": 1j,
+            "tensor of one": torch.tensor([1.0]), "numpy text": np.array("1.0"),
+            "int": 1, "bool": True, "numpy float32": np.float32(0.5), "0-d tensor": torch.tensor(0.25),
+            "0-d array": np.array(0.75)}[target]
+
+
+@pytest.mark.parametrize("kind", ["text", "none", "list", "dict", "complex", "tensor of one", "numpy text"])
+async def test_reward_actor_refuses_a_score_that_is_not_a_number(kind):
+    """A reward function returning the string "1.0" (or None, a list, ...) is
+    a TypeError naming the function and the response, not a reward of 1.0."""
+    rewards = await RewardActor.options(procs=1).as_actor(reward_functions=[reward_of_kind])
+    try:
+        with pytest.raises(TypeError) as caught:
+            await rewards.evaluate_responses.call_one("q", [f"a response of kind {kind}"], kind)
+        message = str(caught.value)
+        assert "reward_of_kind" in message and f"a response of kind {kind}" in message
+        assert "must be a real number" in message
+    finally:
+        await RewardActor.shutdown(rewards)
+
+
+async def test_reward_actor_takes_every_kind_of_real_number():
+    rewards = await RewardActor.options(procs=1).as_actor(reward_functions=[reward_of_kind])
+    try:
+        scores = [await rewards.evaluate_response.call_one("q", "r", kind)
+                  for kind in ("int", "bool", "numpy float32", "0-d tensor", "0-d array")]
+    finally:
+        await RewardActor.shutdown(rewards)
+    assert scores == [1.0, 1.0, 0.5, 0.25, 0.75] and all(type(s) is float for s in scores)
+
+
 # ---------------------------------------------------------------- the replay buffer
 
 

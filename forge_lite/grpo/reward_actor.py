@@ -8,12 +8,15 @@ plain callables, ``fn(prompt, response, target) -> float`` (see
 
 A score of NaN or +-inf is refused here, where it enters: averaged in, it
 would turn the group's advantages and the loss into NaN far from its cause.
+So is a score that is not a number (a string such as "1.0", None, a list):
+``float("1.0")`` would quietly accept a function that returns text.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+import numbers
+from typing import Any, Callable, Sequence
 
 from forge_lite.controller import ForgeActor
 from monarch.actor import endpoint
@@ -48,7 +51,9 @@ class RewardActor(ForgeActor):
         """The average score of ``response`` over the reward functions.
 
         Raises ValueError, naming the reward function and the response, when a
-        function scores NaN or +-inf.
+        function scores NaN or +-inf, and TypeError when it returns something
+        that is not a real number (a Python or NumPy number, a bool, or a
+        0-d tensor or array).
         """
         return self._score(prompt, response, target)
 
@@ -61,7 +66,14 @@ class RewardActor(ForgeActor):
     def _score(self, prompt: str, response: str, target: str) -> float:
         scores = []
         for fn in self.reward_functions:
-            score = float(fn(prompt, response, target))
+            value = fn(prompt, response, target)
+            if not is_real_number(value):
+                raise TypeError(
+                    f"reward function {describe(fn)} returned {shortened(repr(value))} "
+                    f"({type(value).__name__}) for the response {shortened(response)}; a reward "
+                    "must be a real number (float, int, bool, or a 0-d tensor)"
+                )
+            score = float(value)
             if not math.isfinite(score):
                 raise ValueError(
                     f"reward function {describe(fn)} scored {score} for the response "
@@ -70,6 +82,16 @@ class RewardActor(ForgeActor):
                 )
             scores.append(score)
         return sum(scores) / len(scores)
+
+
+def is_real_number(value: Any) -> bool:
+    """A Python or NumPy real number (bool included), or a 0-d tensor or
+    array holding one; not a string, None, a sequence or a complex number."""
+    if isinstance(value, numbers.Real):
+        return True
+    if getattr(value, "shape", None) == () and hasattr(value, "dtype"):  # torch.tensor(1.0), np.array(1.0)
+        return not getattr(value.dtype, "is_complex", False) and getattr(value.dtype, "kind", "f") in "biuf"
+    return False
 
 
 def describe(fn: RewardFunction) -> str:
