@@ -73,3 +73,13 @@ class SlowRetryEnv(RetryEnv):
     def play(self, action: str) -> StepResult:
         time.sleep(self.DELAY_S)
         return super().play(action)
+
+
+class OneFailsEnv(SlowRetryEnv):
+    """SlowRetryEnv, except that a problem whose question says "fail" fails
+    its first step at once: its siblings are still playing, slowly, then."""
+
+    def play(self, action: str) -> StepResult:
+        if "fail" in self.problem["question"]:
+            raise ValueError(f"OneFailsEnv fails on {self.problem['question']!r}")
+        return super().play(action)

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import count_children, wait_for_children
-from faulty_envs import NaNOnTurnTwoEnv, NoObservationEnv, SlowRetryEnv
+from faulty_envs import NaNOnTurnTwoEnv, NoObservationEnv, OneFailsEnv, SlowRetryEnv
 
 from forge_lite.actors.hf_model import load_causal_lm
 from forge_lite.actors.policy import Policy
 from forge_lite.controller.service import FanoutError
 from forge_lite.controller.service.events import RequestFinished, RequestRouted, SessionMoved
 from forge_lite.envs.actor import EnvironmentActor
-from forge_lite.grpo.multiturn import Trajectory, Turn, cache_summary, play_trajectory, tokenizer_for
+from forge_lite.grpo.multiturn import Trajectory, Turn, cache_summary, evaluate_env, play_trajectory, tokenizer_for
 from forge_lite.rl.collate import grpo_collate
 from forge_lite.rl.episode import Episode
 from forge_lite.rl.logprobs import causal_lm_logits, response_logprobs
@@ -366,6 +366,30 @@ async def test_an_environment_breaking_the_contract_fails_its_trajectory_naming_
         with pytest.raises(KeyError, match="'broken'"):
             await env.step.route("broken", "<answer>1</answer>")
     finally:
+        await env.shutdown()
+
+
+@pytest.mark.slow
+async def test_when_one_trajectory_fails_its_siblings_stop_and_close_their_episodes(services):
+    """A group's (or an evaluation's) trajectories are played together: when
+    one fails, the others are cancelled, close their episodes, and send no
+    further step, before the error reaches the caller (``all_or_none``)."""
+    policy, _ = services
+    env = await EnvironmentActor.options(procs=1, num_replicas=2).as_service(env=OneFailsEnv, max_turns=2)
+    steps = []
+    unsubscribe = env.events.subscribe(
+        lambda e: steps.append(e) if isinstance(e, RequestRouted) and e.endpoint == "step" else None)
+    try:
+        before = await env.open_episodes.fanout()
+        problems = [{"question": "Please fail.", "answer": "#### 1"}] + [never_right(50 + i) for i in range(3)]
+        with pytest.raises(ValueError, match="OneFailsEnv fails on 'Please fail.'"):
+            await evaluate_env(policy, env, problems, model=None, response_len=200, max_tokens=24)
+        assert await env.open_episodes.fanout() == before  # every sibling closed its episode
+        sent = len(steps)
+        await asyncio.sleep(3 * SlowRetryEnv.DELAY_S)  # long enough for a sibling's next turn
+        assert len(steps) == sent <= 4, "a sibling played on after the group failed"
+    finally:
+        unsubscribe()
         await env.shutdown()
 
 

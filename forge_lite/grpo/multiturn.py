@@ -64,7 +64,7 @@ import json
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable
 
 from forge_lite.actors.hf_model import load_tokenizer
 from forge_lite.data.prompts import extract_target
@@ -332,7 +332,7 @@ async def rollout_env_group(s, config, pad_id: int, window) -> Group:
     the run has an output_dir.
     """
     problem = await s.env.sample_problem.route()
-    trajectories = await timed(window.seconds, "generate", asyncio.gather(*(
+    trajectories = await timed(window.seconds, "generate", all_or_none(*(
         play_trajectory(
             s.policy, s.env, tokenizer_for(config.model), problem,
             response_len=config.env.response_len, max_tokens=config.policy.max_tokens,
@@ -360,6 +360,24 @@ async def rollout_env_group(s, config, pad_id: int, window) -> Group:
     )
 
 
+async def all_or_none(*trajectories: Awaitable[Trajectory]) -> list[Trajectory]:
+    """Play ``trajectories`` together; their results in order.
+
+    If one fails, the others are cancelled (each closes its episode on the
+    environment as it goes, see "Abandoned trajectories" above) and the first
+    error is raised once they have stopped: with ``asyncio.gather`` alone they
+    would play on, for a group that can no longer be trained on.
+    """
+    tasks = [asyncio.ensure_future(trajectory) for trajectory in trajectories]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        raise
+
+
 async def evaluate_env(policy, env, problems: list[dict], *, model: str | None, response_len: int,
                        max_tokens: int, sessions: bool = True) -> dict[str, float]:
     """Greedy play of ``env`` on held-out ``problems``, all at once.
@@ -371,7 +389,7 @@ async def evaluate_env(policy, env, problems: list[dict], *, model: str | None, 
     response_len=128, max_tokens=32)``.
     """
     tokenizer = tokenizer_for(model)
-    trajectories = await asyncio.gather(*(
+    trajectories = await all_or_none(*(
         play_trajectory(policy, env, tokenizer, p, response_len=response_len, max_tokens=max_tokens,
                         sessions=sessions, temperature=0.0)
         for p in problems
